@@ -1,0 +1,16 @@
+"""fastdistil: fused, padding-free runtime for small BERT encoders, for inference and knowledge distillation.
+
+Importing fastdistil never touches a GPU and does not import triton, transformers or the C++ extension.
+"""
+from . import ops
+from .backend import availability, get_backend, set_backend, use_backend
+from .config import FastStudentConfig
+from .heads import (FastStudentForQuestionAnswering, FastStudentForSequenceClassification,
+                    FastStudentForTokenClassification)
+from .model import FastStudent
+
+__version__ = "0.1.0"
+
+__all__ = ["FastStudent", "FastStudentConfig", "FastStudentForSequenceClassification",
+           "FastStudentForTokenClassification", "FastStudentForQuestionAnswering", "set_backend", "get_backend",
+           "use_backend", "availability", "ops", "__version__"]

@@ -1,0 +1,1 @@
+"""Subcommands of the fastdistil CLI, one module each."""

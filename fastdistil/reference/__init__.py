@@ -1,0 +1,7 @@
+"""The one reference module: plain-PyTorch versions of every op, float64-capable.
+
+Tests, benchmarks and the `torch` backend import from here; no copy of these lives anywhere else.
+"""
+from .core import attention, bias_gelu, embed_layer_norm, gelu, layer_norm, seq_ids, varlen_attention
+
+__all__ = ["attention", "bias_gelu", "embed_layer_norm", "gelu", "layer_norm", "seq_ids", "varlen_attention"]
