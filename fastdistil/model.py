@@ -34,7 +34,8 @@ class Embeddings(nn.Module):
     def forward(self, ids, token_type_ids, position_ids):  # each (T,) -> (T, d)
         x = ops.embed_layer_norm(ids, token_type_ids, position_ids, self.word_embeddings.weight,
                                  self.position_embeddings.weight, self.token_type_embeddings.weight,
-                                 self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+                                 self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
+                                 padding_idx=self.word_embeddings.padding_idx)
         return F.dropout(x, self.dropout_p, self.training)
 
 
@@ -77,16 +78,14 @@ class Layer(nn.Module):
             tap.update(q=q, k=k, v=v)
         ctx = ops.varlen_attention(q, k, v, p.cu_seqlens, p.max_seqlen,
                                    dropout_p=self.attn_dropout if drop else 0.0)  # (T, H, D)
-        out = self.attention["output"]
-        x = ops.layer_norm(F.linear(ctx.reshape(T, d), out["dense"].weight), out["LayerNorm"].weight,
-                           out["LayerNorm"].bias, out["LayerNorm"].eps, residual=x, input_bias=out["dense"].bias,
-                           dropout_p=self.hidden_dropout if drop else 0.0)  # (T, d)
-        h = ops.bias_gelu(F.linear(x, self.intermediate["dense"].weight), self.intermediate["dense"].bias,
-                          approximate=self.gelu_approximate)  # (T, f)
-        out = self.output
-        x = ops.layer_norm(F.linear(h, out["dense"].weight), out["LayerNorm"].weight, out["LayerNorm"].bias,
-                           out["LayerNorm"].eps, residual=x, input_bias=out["dense"].bias,
-                           dropout_p=self.hidden_dropout if drop else 0.0)  # (T, d)
+        o, f = self.attention["output"], self.output
+        p_drop = self.hidden_dropout if drop else 0.0
+        x = ops.linear_layer_norm(ctx.reshape(T, d), o["dense"].weight, o["dense"].bias, x, o["LayerNorm"].weight,
+                                  o["LayerNorm"].bias, o["LayerNorm"].eps, dropout_p=p_drop)  # (T, d)
+        h = ops.linear_gelu(x, self.intermediate["dense"].weight, self.intermediate["dense"].bias,
+                            approximate=self.gelu_approximate)  # (T, f)
+        x = ops.linear_layer_norm(h, f["dense"].weight, f["dense"].bias, x, f["LayerNorm"].weight, f["LayerNorm"].bias,
+                                  f["LayerNorm"].eps, dropout_p=p_drop)  # (T, d)
         return x
 
 

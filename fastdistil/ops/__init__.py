@@ -1,7 +1,9 @@
 """Public fused ops. Each dispatches on the selected backend (see fastdistil.backend)."""
 from .attention import attention, varlen_attention
 from .embedding import embed_layer_norm
+from .fused import linear_gelu, linear_layer_norm
 from .gelu import bias_gelu
 from .layer_norm import layer_norm
 
-__all__ = ["attention", "varlen_attention", "embed_layer_norm", "bias_gelu", "layer_norm"]
+__all__ = ["attention", "varlen_attention", "embed_layer_norm", "bias_gelu", "layer_norm", "linear_gelu",
+           "linear_layer_norm"]

@@ -57,7 +57,7 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
     Returns:
         S + (N,) tensor in the tables' dtype.
     """
-    x = word_weight[input_ids] + position_weight[position_ids] + type_weight[token_type_ids]
+    x = word_weight[input_ids] + type_weight[token_type_ids] + position_weight[position_ids]  # transformers' order
     return layer_norm(x, ln_weight, ln_bias, eps)
 
 
@@ -79,12 +79,11 @@ def attention(q, k, v, attention_mask=None, *, dropout_p: float = 0.0, softmax_s
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale  # (B, H, L, L)
     if attention_mask is not None:
         keep = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, L)
-        s = s.masked_fill(~keep, float("-inf"))
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m)
-    denom = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+        # a finite bias (as transformers adds) keeps all-padding rows finite; they are zeroed below
+        s = s.masked_fill(~keep, torch.finfo(compute).min)
+    p = torch.softmax(s, dim=-1)
+    if attention_mask is not None:
+        p = p * keep.any(dim=-1, keepdim=True).to(compute)  # a query with no real key attends to nothing
     if dropout_mask is not None:
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
     elif dropout_p > 0.0 and training:
