@@ -48,3 +48,68 @@ class _NoGradRow(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.index_fill(0, torch.tensor([ctx.row], device=grad.device), 0), None
+
+
+# ------------------------------------------------------------------------------------------------ triton
+# torch.library registration (compiles with fullgraph=True); kernels/embedding.py is imported on first call.
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from .layer_norm import needs_grad  # noqa: E402
+
+
+@torch.library.custom_op("fastdistil::embed_layer_norm_fwd", mutates_args=())
+def _embed_fwd_op(ids: Tensor, tt: Tensor, pos: Tensor, word: Tensor, type_w: Tensor, pos_w: Tensor, ln_w: Tensor,
+                  ln_b: Tensor, eps: float, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y (T, N), mean, rstd) for (T,) ids; statistics are empty unless `save`."""
+    from ..kernels import embedding as K
+    return K.embed_fwd(ids, tt, pos, word, type_w, pos_w, ln_w, ln_b, eps, store_stats=save)
+
+
+@_embed_fwd_op.register_fake
+def _(ids, tt, pos, word, type_w, pos_w, ln_w, ln_b, eps, save):
+    t = ids.shape[0]
+    stats = word.new_empty(t if save else 0, dtype=torch.float32)
+    return word.new_empty(t, word.shape[1]), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastdistil::embed_layer_norm_bwd", mutates_args=())
+def _embed_bwd_op(dy: Tensor, ids: Tensor, tt: Tensor, pos: Tensor, word: Tensor, type_w: Tensor, pos_w: Tensor,
+                  ln_w: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dword, dtype, dposition, dln_w, dln_b)."""
+    from ..kernels import embedding as K
+    return K.embed_bwd(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd)
+
+
+@_embed_bwd_op.register_fake
+def _(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd):
+    return (torch.empty_like(word), torch.empty_like(type_w), torch.empty_like(pos_w), torch.empty_like(ln_w),
+            torch.empty_like(ln_w))
+
+
+def _embed_setup(ctx, inputs, output):
+    ids, tt, pos, word, type_w, pos_w, ln_w, ln_b, eps, save = inputs
+    ctx.save_for_backward(ids, tt, pos, word, type_w, pos_w, ln_w, output[1], output[2])
+
+
+def _embed_backward(ctx, dy, _dmean, _drstd):
+    ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd = ctx.saved_tensors
+    dword, dtype, dpos, dw, db = _embed_bwd_op(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd)
+    return None, None, None, dword, dtype, dpos, dw, db, None, None
+
+
+_embed_fwd_op.register_autograd(_embed_backward, setup_context=_embed_setup)
+
+
+@register("embed_layer_norm", "triton")
+def _embed_triton(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight, ln_weight,
+                  ln_bias, eps):
+    if word_weight.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
+        return _embed_torch(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
+                            ln_weight, ln_bias, eps)
+    shape = input_ids.shape
+    save = needs_grad(word_weight, position_weight, type_weight, ln_weight, ln_bias)
+    y = _embed_fwd_op(input_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(),
+                      position_ids.reshape(-1).contiguous(), word_weight.contiguous(), type_weight.contiguous(),
+                      position_weight.contiguous(), ln_weight, ln_bias, float(eps), save)[0]
+    return y.view(*shape, word_weight.shape[1])

@@ -26,3 +26,57 @@ def bias_gelu(x, bias, *, approximate: str = "none"):
 @register("bias_gelu", "torch")
 def _bias_gelu_torch(x, bias, *, approximate):
     return reference.bias_gelu(x, bias, approximate)
+
+
+# ------------------------------------------------------------------------------------------------ triton
+# torch.library registration (compiles with fullgraph=True); kernels/gelu.py is imported on first call.
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from .layer_norm import _rows  # noqa: E402
+
+
+@torch.library.custom_op("fastdistil::bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd_op(x: Tensor, bias: Tensor, approximate: str) -> Tensor:
+    from ..kernels import gelu as K
+    return K.bias_gelu_fwd(x, bias, approximate)
+
+
+@_bias_gelu_fwd_op.register_fake
+def _(x, bias, approximate):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastdistil::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd_op(dh: Tensor, x: Tensor, bias: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
+    """(dx, dbias) with dbias in bias's dtype."""
+    from ..kernels import gelu as K
+    dx, db = K.bias_gelu_bwd(dh, x, bias, approximate)
+    return dx, db.to(bias.dtype)
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(dh, x, bias, approximate):
+    return torch.empty_like(x), torch.empty_like(bias)
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.approximate = approximate
+    ctx.save_for_backward(x, bias)
+
+
+def _bias_gelu_backward(ctx, dh):
+    x, bias = ctx.saved_tensors
+    dx, db = _bias_gelu_bwd_op(dh, x, bias, ctx.approximate)
+    return dx, db, None
+
+
+_bias_gelu_fwd_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
+
+
+@register("bias_gelu", "triton")
+def _bias_gelu_triton(x, bias, *, approximate):
+    if x.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
+        return _bias_gelu_torch(x, bias, approximate=approximate)
+    return _bias_gelu_fwd_op(_rows(x, x.shape[-1]), bias, approximate).view(x.shape)

@@ -38,3 +38,97 @@ def layer_norm(x, weight, bias, eps: float = 1e-12, residual=None, *, input_bias
 def _layer_norm_torch(x, weight, bias, eps, residual, *, input_bias, dropout_p):
     return reference.layer_norm(x, weight, bias, eps, residual, input_bias=input_bias, dropout_p=dropout_p,
                                 training=True)
+
+
+# ------------------------------------------------------------------------------------------------ triton
+# Registered through torch.library (custom_op + register_fake + register_autograd) so torch.compile traces it
+# with fullgraph=True; the kernels (kernels/layer_norm.py) are imported on first call, never at import.
+from typing import Optional  # noqa: E402
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def needs_grad(*ts) -> bool:
+    """Whether autograd will ask for a backward through an op taking `ts` (no host sync)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def dropout_seed(device) -> Tensor:
+    """A (1,) int64 Philox seed drawn from torch's generator on `device`: no host sync, traceable."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op("fastdistil::layer_norm_fwd", mutates_args=())
+def _ln_fwd_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor],
+               input_bias: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+               save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, z, mean, rstd) for 2-D x; z is stored only when saving for a backward and z != x."""
+    from ..kernels import layer_norm as K
+    store_z = save and (residual is not None or input_bias is not None or dropout_p > 0)
+    y, z, mean, rstd = K.layer_norm_fwd(x, weight, bias, eps, residual, input_bias, dropout_p, seed,
+                                        store_z=store_z, store_stats=save)
+    return y, (z if store_z else x.new_empty(0)), mean, rstd
+
+
+@_ln_fwd_op.register_fake
+def _(x, weight, bias, eps, residual, input_bias, dropout_p, seed, save):
+    store_z = save and (residual is not None or input_bias is not None or dropout_p > 0)
+    m = x.shape[0] if save else 0
+    return (torch.empty_like(x), torch.empty_like(x) if store_z else x.new_empty(0),
+            x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastdistil::layer_norm_bwd", mutates_args=())
+def _ln_bwd_op(dy: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor, has_input_bias: bool,
+               dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dz, dweight, dbias, dinput_bias): dx is empty unless dropout_p > 0 (then dx = dz), dinput_bias
+    (fp32) empty unless has_input_bias."""
+    from ..kernels import layer_norm as K
+    dx, dz, dw, db, dib = K.layer_norm_bwd(dy, z, mean, rstd, weight, has_input_bias, dropout_p, seed)
+    return (dx if dropout_p > 0 else z.new_empty(0)), dz, dw, db, (dib if has_input_bias else z.new_empty(0, dtype=torch.float32))
+
+
+@_ln_bwd_op.register_fake
+def _(dy, z, mean, rstd, weight, has_input_bias, dropout_p, seed):
+    n = z.shape[1]
+    return (torch.empty_like(z) if dropout_p > 0 else z.new_empty(0), torch.empty_like(z), weight.new_empty(n),
+            weight.new_empty(n), z.new_empty(n if has_input_bias else 0, dtype=torch.float32))
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, eps, residual, input_bias, dropout_p, seed, save = inputs
+    y, z, mean, rstd = output
+    stored = residual is not None or input_bias is not None or dropout_p > 0
+    ctx.has_res, ctx.has_ib, ctx.p = residual is not None, input_bias is not None, dropout_p
+    ctx.ib_dtype = input_bias.dtype if input_bias is not None else None
+    ctx.save_for_backward(z if stored else x, mean, rstd, weight, seed)
+
+
+def _ln_backward(ctx, dy, _dz, _dmean, _drstd):
+    z, mean, rstd, weight, seed = ctx.saved_tensors
+    dx, dz, dw, db, dib = _ln_bwd_op(dy, z, mean, rstd, weight, ctx.has_ib, ctx.p, seed)
+    dx = dx if ctx.p > 0 else dz
+    return (dx, dw, db, None, dz if ctx.has_res else None, dib.to(ctx.ib_dtype) if ctx.has_ib else None, None,
+            None, None)
+
+
+_ln_fwd_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+def _rows(t, n):
+    """(..., N) -> contiguous (M, N) view (copies only when the last dimension is strided)."""
+    t = t.reshape(-1, n)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@register("layer_norm", "triton")
+def _layer_norm_triton(x, weight, bias, eps, residual, *, input_bias, dropout_p):
+    if x.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
+        return _layer_norm_torch(x, weight, bias, eps, residual, input_bias=input_bias, dropout_p=dropout_p)
+    n = x.shape[-1]
+    save = needs_grad(x, weight, bias, residual, input_bias)
+    seed = dropout_seed(x.device) if dropout_p > 0 else None
+    y = _ln_fwd_op(_rows(x, n), weight, bias, float(eps), None if residual is None else _rows(residual, n),
+                   input_bias, float(dropout_p), seed, save)[0]
+    return y.view(x.shape)

@@ -1,0 +1,309 @@
+"""Fused residual + bias + dropout + LayerNorm: y = LayerNorm(dropout(x + input_bias) + residual).
+
+Forward: one program normalises ROWS rows of width N (BLOCK_N = next power of two >= N, masked), reading x,
+input_bias, residual once and writing y (and z = the pre-norm sum, only when a backward will need it) plus the
+fp32 row statistics. The row math lives in `ln_rows`, shared with the GEMM epilogue in kernels/matmul.py.
+Dropout draws Philox numbers `tl.rand(seed, row * N + col)` (counter-based): the backward regenerates the same
+keep-mask from the same seed, so no mask is stored. The seed is a 1-element int64 device tensor, so creating it
+needs no host sync and traces under torch.compile.
+
+Backward: P programs each walk a contiguous block of rows, write dz / dx and accumulate their rows' weight,
+bias and input-bias gradients in fp32 registers; the (P, N) partials are reduced once afterwards (no atomics,
+deterministic for a given P).
+
+Layout: rows are contiguous in the last dimension (stride 1), row strides are arguments, row offsets int64.
+Statistics are fp32 whatever the storage dtype (fp32 / fp16 / bf16). Limits: N <= 8192 (one row per block).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .spec import CompileSpec, Cost
+
+MAX_WIDTH = 8192
+
+
+@triton.jit
+def ln_rows(x,                       # (ROWS, BLOCK_N) fp32 tile: GEMM output or loaded input, 0 beyond N
+            rows,                    # (ROWS,) int64 row indices
+            cols,                    # (BLOCK_N,) int32 column indices
+            M,                       # number of rows
+            N,                       # row width
+            RES, stride_res,         # residual (M, N) and its row stride
+            IN_BIAS,                 # (N,) bias added before dropout
+            W, B,                    # (N,) LayerNorm weight and bias
+            Y, stride_y,             # output (M, N)
+            Z, stride_z,             # pre-norm sum z (M, N), stored when STORE_Z
+            MEAN, RSTD,              # (M,) fp32 statistics
+            seed,                    # scalar Philox seed (used when HAS_DROPOUT)
+            p,                       # dropout probability
+            eps,                     # variance epsilon
+            HAS_RES: tl.constexpr, HAS_IN_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+            STORE_Z: tl.constexpr, STORE_STATS: tl.constexpr):
+    """z = dropout(x + in_bias) + res; y = (z - mean) * rstd * w + b for a tile of rows (statistics in fp32)."""
+    cmask = cols < N
+    rmask = rows < M
+    mask = rmask[:, None] & cmask[None, :]
+    if HAS_IN_BIAS:
+        x += tl.load(IN_BIAS + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_DROPOUT:
+        keep = tl.rand(seed, rows[:, None] * N + cols[None, :]) >= p
+        x = tl.where(keep, x / (1.0 - p), 0.0)
+    if HAS_RES:
+        x += tl.load(RES + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.where(mask, x, 0.0)
+    if STORE_Z:
+        tl.store(Z + rows[:, None] * stride_z + cols[None, :], x.to(Z.dtype.element_ty), mask=mask)
+    mean = tl.sum(x, axis=1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    if STORE_STATS:
+        tl.store(MEAN + rows, mean, mask=rmask)
+        tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _ln_fwd(X, stride_x,            # input (M, N)
+            RES, stride_res,        # residual (M, N)
+            IN_BIAS, W, B,          # (N,) input bias, LayerNorm weight and bias
+            Y, stride_y,            # output (M, N)
+            Z, stride_z,            # pre-norm sum (M, N) when STORE_Z
+            MEAN, RSTD,             # (M,) fp32
+            SEED,                   # (1,) int64 Philox seed
+            M, N,                   # rows, width
+            p, eps,                 # dropout probability, variance epsilon
+            HAS_RES: tl.constexpr, HAS_IN_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+            STORE_Z: tl.constexpr, STORE_STATS: tl.constexpr,
+            ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    ln_rows(x, rows, cols, M, N, RES, stride_res, IN_BIAS, W, B, Y, stride_y, Z, stride_z, MEAN, RSTD, seed, p,
+            eps, HAS_RES, HAS_IN_BIAS, HAS_DROPOUT, STORE_Z, STORE_STATS)
+
+
+# Backward, per row (xhat = (z - mean) * rstd, g = dy * w):
+#   dz      = rstd * (g - mean(g) - xhat * mean(g * xhat))
+#   dres    = dz                                  (z = dropout(x + in_bias) + res)
+#   dx      = dz * keep / (1 - p)                 (dz without dropout)
+#   d_in_b  = sum over rows of dx
+#   dw      = sum over rows of dy * xhat,  db = sum over rows of dy
+# Column sums are accumulated per program into (P, N) fp32 partials and reduced once afterwards.
+@triton.jit
+def _ln_bwd(DY, stride_dy,          # upstream gradient (M, N)
+            Z, stride_z,            # saved pre-norm sum (M, N)
+            MEAN, RSTD,             # (M,) fp32 saved statistics
+            W,                      # (N,) LayerNorm weight
+            DZ, stride_dz,          # gradient of z = of the residual (M, N)
+            DX, stride_dx,          # gradient of x (M, N), written when HAS_DROPOUT (else equal to DZ)
+            DW_PART, DB_PART,       # (P, N) fp32 partial column sums
+            DIB_PART,               # (P, N) fp32 partial input-bias gradient, when HAS_IN_BIAS
+            SEED,                   # (1,) int64 Philox seed
+            M, N, rows_per_prog,    # rows, width, rows handled by one program
+            p,                      # dropout probability
+            HAS_IN_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dib = tl.zeros([BLOCK_N], dtype=tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    row0 = pid.to(tl.int64) * rows_per_prog
+    row_end = tl.minimum(row0 + rows_per_prog, M)
+    for row in range(row0, row_end):
+        z = tl.load(Z + row * stride_z + cols, mask=cmask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=cmask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(cmask, (z - mean) * rstd, 0.0)
+        g = dy * w
+        c1 = tl.sum(xhat * g, axis=0) / N
+        c2 = tl.sum(g, axis=0) / N
+        dz = (g - c2 - xhat * c1) * rstd
+        dw += dy * xhat
+        db += dy
+        tl.store(DZ + row * stride_dz + cols, dz.to(DZ.dtype.element_ty), mask=cmask)
+        dx = dz
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, row * N + cols) >= p
+            dx = tl.where(keep, dz / (1.0 - p), 0.0)
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask)
+        if HAS_IN_BIAS:
+            dib += dx
+    tl.store(DW_PART + pid * N + cols, dw, mask=cmask)
+    tl.store(DB_PART + pid * N + cols, db, mask=cmask)
+    if HAS_IN_BIAS:
+        tl.store(DIB_PART + pid * N + cols, dib, mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def _block_n(n: int) -> int:
+    if n > MAX_WIDTH:
+        raise ValueError(f"layer_norm kernels support widths up to {MAX_WIDTH}, got {n}")
+    return max(16, triton.next_power_of_2(n))
+
+
+def _fwd_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, ROWS, num_warps): about 4K elements per program, at least one row."""
+    bn = _block_n(n)
+    rows = max(1, min(16, 4096 // bn))
+    warps = max(1, min(8, bn * rows // 512))
+    return bn, rows, warps
+
+
+def _num_programs(m: int, device) -> int:
+    """Programs of the backward: enough to fill the GPU, few enough that the (P, N) partials stay small."""
+    import torch
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(m, 4 * sms))
+    return max(1, min(m, 8))  # the interpreter runs programs one after another
+
+
+def layer_norm_fwd(x, weight, bias, eps, residual=None, input_bias=None, dropout_p=0.0, seed=None,
+                   store_z=False, store_stats=True):
+    """Launch the forward.
+
+    Args:
+        x: (M, N) with unit column stride. residual: optional (M, N) like x. input_bias: optional (N,).
+        weight, bias: (N,). seed: (1,) int64 tensor, required when dropout_p > 0.
+        store_z: also return z = dropout(x + input_bias) + residual in x's dtype (what the backward reads).
+    Returns:
+        (y, z or None, mean, rstd): y (M, N) in x's dtype, mean/rstd (M,) fp32 (empty unless store_stats).
+    """
+    import torch
+    M, N = x.shape
+    bn, rows, warps = _fwd_config(N)
+    y = torch.empty_like(x)
+    z = torch.empty_like(x) if store_z else y
+    mean = torch.empty(M if store_stats else 0, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    has_res, has_ib, has_drop = residual is not None, input_bias is not None, dropout_p > 0.0
+    res = residual if has_res else x
+    _ln_fwd[(triton.cdiv(M, rows),)](
+        x, x.stride(0), res, res.stride(0), input_bias if has_ib else weight, weight, bias, y, y.stride(0),
+        z, z.stride(0), mean, rstd, seed if has_drop else mean, M, N, float(dropout_p), float(eps),
+        HAS_RES=has_res, HAS_IN_BIAS=has_ib, HAS_DROPOUT=has_drop, STORE_Z=store_z, STORE_STATS=store_stats,
+        ROWS=rows, BLOCK_N=bn, num_warps=warps)
+    return y, (z if store_z else None), mean, rstd
+
+
+def layer_norm_bwd(dy, z, mean, rstd, weight, has_input_bias=False, dropout_p=0.0, seed=None):
+    """Launch the backward.
+
+    Args:
+        dy: (M, N) upstream gradient. z, mean, rstd: what the forward saved. weight: (N,).
+    Returns:
+        (dx, dres, dweight, dbias, dinput_bias or None): dres = dz; dx is dz itself unless dropout_p > 0.
+    """
+    import torch
+    M, N = z.shape
+    dy = dy.contiguous()
+    bn = _block_n(N)
+    P = _num_programs(M, z.device)
+    per = triton.cdiv(M, P) if M else 1
+    P = triton.cdiv(M, per) if M else 1
+    dz = torch.empty_like(z)
+    has_drop = dropout_p > 0.0
+    dx = torch.empty_like(z) if has_drop else dz
+    f32 = dict(device=z.device, dtype=torch.float32)
+    dw_part, db_part = torch.empty(P, N, **f32), torch.empty(P, N, **f32)
+    dib_part = torch.empty(P, N, **f32) if has_input_bias else dw_part
+    if M:
+        _ln_bwd[(P,)](dy, dy.stride(0), z, z.stride(0), mean, rstd, weight, dz, dz.stride(0), dx, dx.stride(0),
+                      dw_part, db_part, dib_part, seed if has_drop else mean, M, N, per, float(dropout_p),
+                      HAS_IN_BIAS=has_input_bias, HAS_DROPOUT=has_drop, BLOCK_N=bn,
+                      num_warps=max(1, min(8, bn // 256)))
+    else:
+        dw_part.zero_(), db_part.zero_(), dib_part.zero_()
+    dw = dw_part.sum(0).to(weight.dtype)
+    db = db_part.sum(0).to(weight.dtype)
+    dib = dib_part.sum(0) if has_input_bias else None
+    return dx, dz, dw, db, dib
+
+
+@triton.jit
+def _keep_mask(SEED, OUT, M, N, p, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(tl.load(SEED), offs) >= p
+    tl.store(OUT + offs, keep.to(tl.int8), mask=offs < M * N)
+
+
+def dropout_keep_mask(seed, M, N, dropout_p):
+    """The (M, N) bool keep-mask the kernels draw for `seed` (tests and references use it)."""
+    import torch
+    out = torch.empty(M, N, dtype=torch.int8, device=seed.device)
+    _keep_mask[(triton.cdiv(M * N, 1024),)](seed, out, M, N, float(dropout_p), BLOCK=1024)
+    return out.bool()
+
+
+# ------------------------------------------------------------------------------------------- protocol
+_DT = {"fp16": 2, "bf16": 2, "fp32": 4}
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every (width class, dtype, fusion) the launchers choose for BERT widths (250, 384, 768, 1024)."""
+    specs = []
+    for n in (256, 512, 1024):
+        bn, rows, warps = _fwd_config(n)
+        for dt in _DT:
+            for res, ib, drop, sz in ((False, False, False, False), (True, True, False, False),
+                                      (True, True, True, True)):
+                sig = {"X": f"*{dt}", "stride_x": "i64", "RES": f"*{dt}", "stride_res": "i64", "IN_BIAS": f"*{dt}",
+                       "W": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}", "stride_y": "i64", "Z": f"*{dt}",
+                       "stride_z": "i64", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32",
+                       "p": "fp32", "eps": "fp32", "HAS_RES": "constexpr", "HAS_IN_BIAS": "constexpr",
+                       "HAS_DROPOUT": "constexpr", "STORE_Z": "constexpr", "STORE_STATS": "constexpr",
+                       "ROWS": "constexpr", "BLOCK_N": "constexpr"}
+                ce = {"HAS_RES": res, "HAS_IN_BIAS": ib, "HAS_DROPOUT": drop, "STORE_Z": sz, "STORE_STATS": True,
+                      "ROWS": rows, "BLOCK_N": bn}
+                tag = "+".join(t for t, on in (("res", res), ("bias", ib), ("dropout", drop)) if on) or "plain"
+                specs.append(CompileSpec("_ln_fwd", _ln_fwd, sig, ce, f"N<={bn} {dt} {tag} fwd", num_warps=warps))
+            for ib, drop in ((False, False), (True, True)):
+                sig = {"DY": f"*{dt}", "stride_dy": "i64", "Z": f"*{dt}", "stride_z": "i64", "MEAN": "*fp32",
+                       "RSTD": "*fp32", "W": f"*{dt}", "DZ": f"*{dt}", "stride_dz": "i64", "DX": f"*{dt}",
+                       "stride_dx": "i64", "DW_PART": "*fp32", "DB_PART": "*fp32", "DIB_PART": "*fp32",
+                       "SEED": "*i64", "M": "i32", "N": "i32", "rows_per_prog": "i32", "p": "fp32",
+                       "HAS_IN_BIAS": "constexpr", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr"}
+                ce = {"HAS_IN_BIAS": ib, "HAS_DROPOUT": drop, "BLOCK_N": bn}
+                specs.append(CompileSpec("_ln_bwd", _ln_bwd, sig, ce,
+                                         f"N<={bn} {dt} {'bias+dropout' if drop else 'plain'} bwd",
+                                         num_warps=max(1, min(8, bn // 256))))
+    return specs
+
+
+def cost(rows: int, width: int, elem_bytes: int, residual: bool = True, input_bias: bool = True,
+         dropout: bool = False, backward: bool = False) -> list[Cost]:
+    """FLOPs and minimum HBM bytes of the layer-norm launches for (rows, width).
+
+    Minimum bytes: every operand read once and every result written once, nothing else: forward reads x (and
+    residual), writes y, plus the fp32 stats (8 bytes a row) and z when training (backward needs it); vectors
+    (weight, bias, input bias) are read once. The kernels move exactly these bytes (each program reads its rows
+    once; the backward's (P, N) partials are P*N*4*2 bytes, P <= 4 x SMs, under 1% at BERT shapes) so they are
+    within 1.0x of this minimum, far inside the 1.25x bound.
+    """
+    mn = rows * width
+    vec = width * elem_bytes
+    fwd_bytes = (mn * elem_bytes * (1 + residual + 1 + (dropout or backward) * (residual or input_bias or dropout))
+                 + vec * (2 + input_bias) + 8 * rows * backward)
+    fwd_flops = mn * (8 + input_bias + residual + 2 * dropout)
+    out = [Cost("layer_norm.fwd", float(fwd_flops), float(fwd_bytes))]
+    if backward:
+        # reads dy, z, stats, w; writes dz (= dres) and dx when dropout differs; partial sums then reduction
+        b = mn * elem_bytes * (2 + 1 + dropout) + 8 * rows + vec + 3 * width * 4
+        out.append(Cost("layer_norm.bwd", float(mn * (12 + 2 * input_bias + 2 * dropout)), float(b)))
+    return out
