@@ -7,3 +7,6 @@ from .layer_norm import layer_norm
 
 __all__ = ["attention", "varlen_attention", "embed_layer_norm", "bias_gelu", "layer_norm", "linear_gelu",
            "linear_layer_norm"]
+from .kd import kd_kl_rows  # noqa: E402
+from .relation import relation_kl_rows  # noqa: E402
+__all__ += ["kd_kl_rows", "relation_kl_rows"]

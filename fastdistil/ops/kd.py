@@ -1,0 +1,121 @@
+"""Logit KD op: per-row KL(softmax(teacher / T) || softmax(student / T)) over the class / vocabulary dimension.
+
+The torch implementation is the materialised reference (fastdistil.reference.kd_kl_rows); the triton one
+(kernels/kd.py) streams each row once forward and once backward and never makes a float32 copy of the (N, V)
+logits. Registered with torch.library (custom_op + register_fake + register_autograd) so torch.compile traces it.
+The teacher is a constant target on every backend: it is detached, no gradient reaches it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .checks import check_float, check_same
+from .dispatch import lookup, register
+
+
+def kd_kl_rows(student_logits, teacher_logits, temperature: float, row_mask=None):
+    """Per-row KL(p_teacher || p_student) with p = softmax(logits / temperature) over the last dimension.
+
+    Args:
+        student_logits: (..., V) student LOGITS (not log-probs), fp16/bf16/fp32/fp64; gradients flow here.
+        teacher_logits: (..., V) teacher LOGITS, same shape, dtype and device; treated as a constant (detached).
+        temperature: T > 0 (a Python float).
+        row_mask: optional (...) bool/int tensor over the leading dims, nonzero = real row; other rows give 0
+            and get a zero gradient (padding rows of a (B, L, V) MLM batch, for example).
+    Returns:
+        (...) float32 (float64 for float64 inputs): the KL of each row in temperature-scaled units, NOT multiplied
+        by T^2 and not reduced; :func:`fastdistil.losses.kd_kl_loss` applies T^2 and the reduction.
+    """
+    check_float("student_logits", student_logits)
+    check_float("teacher_logits", teacher_logits)
+    check_same("student_logits, teacher_logits", student_logits, teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    if student_logits.dim() < 1 or student_logits.shape[-1] == 0:
+        raise ValueError(f"logits need a non-empty class dimension, got shape {tuple(student_logits.shape)}")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead = tuple(student_logits.shape[:-1])
+    if row_mask is not None:
+        if tuple(row_mask.shape) != lead:
+            raise ValueError(f"row_mask has shape {tuple(row_mask.shape)}, expected {lead} (the logits' leading "
+                             "dimensions)")
+        if row_mask.device != student_logits.device:
+            raise ValueError(f"row_mask is on {row_mask.device} but the logits are on {student_logits.device}")
+    V = student_logits.shape[-1]
+    s = student_logits.reshape(-1, V)
+    t = teacher_logits.detach().reshape(-1, V)
+    m = None if row_mask is None else row_mask.reshape(-1)
+    out = lookup("kd_kl", s.device)(s, t, float(temperature), m)
+    return out.reshape(lead)
+
+
+@register("kd_kl", "torch")
+def _kd_kl_torch(student, teacher, temperature, row_mask):
+    return reference.kd_kl_rows(student, teacher, temperature, row_mask)
+
+
+# ------------------------------------------------------------------------------------------------ triton
+@torch.library.custom_op("fastdistil::kd_kl_fwd", mutates_args=())
+def _kd_fwd_op(student: Tensor, teacher: Tensor, temperature: float,
+               row_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(kl, lse_s, lse_t), each (N,) fp32, for 2-D logits with a contiguous class dim."""
+    from ..kernels import kd as K
+    return K.kd_forward(student, teacher, temperature, row_mask)
+
+
+@_kd_fwd_op.register_fake
+def _(student, teacher, temperature, row_mask):
+    n = student.shape[0]
+    return tuple(student.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("fastdistil::kd_kl_bwd", mutates_args=())
+def _kd_bwd_op(grad: Tensor, student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, temperature: float,
+               row_mask: Optional[Tensor]) -> Tensor:
+    """Gradient w.r.t. the student logits, (N, V) in their dtype."""
+    from ..kernels import kd as K
+    return K.kd_backward(grad, student, teacher, lse_s, lse_t, temperature, row_mask)
+
+
+@_kd_bwd_op.register_fake
+def _(grad, student, teacher, lse_s, lse_t, temperature, row_mask):
+    return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+
+
+def _kd_setup(ctx, inputs, output):
+    student, teacher, temperature, row_mask = inputs
+    _, lse_s, lse_t = output
+    ctx.temperature = temperature
+    ctx.has_mask = row_mask is not None
+    # Teacher logits from torch.inference_mode() cannot go through save_for_backward; they never need a
+    # gradient (nor a version check), so such a tensor is kept as a plain attribute instead of being copied.
+    ctx.teacher = teacher if teacher.is_inference() else None
+    ctx.save_for_backward(student, None if teacher.is_inference() else teacher, lse_s, lse_t, row_mask)
+
+
+def _kd_backward(ctx, grad, _g_lse_s, _g_lse_t):
+    student, teacher, lse_s, lse_t, row_mask = ctx.saved_tensors
+    teacher = ctx.teacher if teacher is None else teacher
+    ds = _kd_bwd_op(grad, student, teacher, lse_s, lse_t, ctx.temperature, row_mask)
+    return ds, None, None, None
+
+
+_kd_fwd_op.register_autograd(_kd_backward, setup_context=_kd_setup)
+
+
+def _contig_rows(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@register("kd_kl", "triton")
+def _kd_kl_triton(student, teacher, temperature, row_mask):
+    if student.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
+        return _kd_kl_torch(student, teacher, temperature, row_mask)
+    m = None if row_mask is None else (row_mask != 0).to(torch.int8)
+    return _kd_fwd_op(_contig_rows(student), _contig_rows(teacher), temperature, m)[0]

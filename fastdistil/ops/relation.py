@@ -1,0 +1,179 @@
+"""Relation KL op: per-query-row KL(softmax(a_t b_t^T c_t) || softmax(a_s b_s^T c_s)) over relation heads.
+
+One op serves MiniLM's attention-distribution KL (a = q, b = k) and the self-relations of MiniLM v1 (value
+relation, a = b = v) and MiniLMv2 (Q-Q, K-K, V-V). Relation heads split the concatenated head dimensions of each
+side, so teacher and student may differ in head count and head dim. The torch implementation materialises the
+(B, R, L, L) relations (fastdistil.reference.relation_kl_rows); the triton one (kernels/relation.py) streams keys
+flash-style, never writes an L x L matrix, and recomputes in the backward. Registered with torch.library
+(custom_op + register_fake + register_autograd). The teacher is a constant target: it is detached everywhere.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .checks import check_float, check_same
+from .dispatch import lookup, register
+
+
+def _heads(x, lead: int, r: int, name: str):
+    """(*lead dims, ...) -> (*lead, R, width / R) view (copy only if the trailing dims cannot be merged)."""
+    shape = tuple(x.shape[:lead])
+    width = math.prod(x.shape[lead:])
+    if width % r:
+        raise ValueError(f"{name}: width {width} (product of {tuple(x.shape[lead:])}) is not divisible by "
+                         f"num_relation_heads={r}")
+    y = x.reshape(*shape, r, width // r)
+    return y if y.stride(-1) == 1 else y.contiguous()
+
+
+def relation_kl_rows(a_s, b_s, a_t, b_t, *, num_relation_heads: int, cu_seqlens=None, max_seqlen=None,
+                     attention_mask=None, scale_s=None, scale_t=None):
+    """Per-row relation KL, KL(R_t || R_s) for each relation head and query token, without reduction.
+
+    With the concatenated head dims of each input split into R = num_relation_heads relation heads of width d
+    (d_s for the student, d_t for the teacher), for relation head r and query token i of a sequence:
+        R_s[r, i, :] = softmax_j(a_s[i, r] . b_s[j, r] * scale_s),   R_t likewise with the teacher's tensors,
+        out[r, i] = sum_j R_t[r, i, j] * (log R_t[r, i, j] - log R_s[r, i, j])
+    over the real tokens j of the same sequence.
+
+    Args:
+        a_s, b_s: student tensors; gradients flow to them. Packed (T, H, D) or (T, H*D) when cu_seqlens is given,
+            else padded (B, L, H, D) or (B, L, H*D) in token-major layout (for transformers' (B, H, L, D) pass
+            x.transpose(1, 2)). Any strides (q/k/v views of a fused QKV output work without a copy).
+            Attention KL: a = q, b = k. Self-relation (value relation, MiniLMv2 Q-Q/K-K/V-V): a = b = x.
+        a_t, b_t: teacher tensors, same layout, dtype and device; their width may differ from the student's.
+            Treated as a constant target (detached; inference-mode tensors are accepted).
+        num_relation_heads: R; must divide both sides' widths (R = H gives the per-head attention KL).
+        cu_seqlens: (B+1,) int32/int64 prefix sums of sequence lengths, for packed inputs.
+        max_seqlen: the longest sequence length (a Python int), required with cu_seqlens.
+        attention_mask: optional (B, L) for padded inputs, nonzero = real token (keys and queries), any pattern.
+        scale_s, scale_t: multipliers of the relation logits; default 1/sqrt(d_s) and 1/sqrt(d_t), the
+            scaled-dot-product of MiniLM v1/v2.
+    Returns:
+        (R, N) float32 (float64 for float64 inputs): N = T for packed inputs, B*L for padded ones (0 at
+        padded query rows).
+    """
+    r = int(num_relation_heads)
+    if r < 1:
+        raise ValueError(f"num_relation_heads must be >= 1, got {num_relation_heads}")
+    for n, t in (("a_s", a_s), ("b_s", b_s), ("a_t", a_t), ("b_t", b_t)):
+        check_float(n, t)
+    check_same("a_s, b_s, a_t, b_t", a_s, b_s, a_t, b_t)
+    packed = cu_seqlens is not None
+    lead = 1 if packed else 2
+    for n, t in (("a_s", a_s), ("b_s", b_s), ("a_t", a_t), ("b_t", b_t)):
+        if t.dim() < lead + 1 or tuple(t.shape[:lead]) != tuple(a_s.shape[:lead]):
+            want = "(T, ...)" if packed else "(B, L, ...)"
+            raise ValueError(f"{n} has shape {tuple(t.shape)}; expected {want} with the leading dims of a_s "
+                             f"{tuple(a_s.shape[:lead])}")
+    if math.prod(a_s.shape[lead:]) != math.prod(b_s.shape[lead:]):
+        raise ValueError(f"a_s and b_s widths differ: {tuple(a_s.shape)} vs {tuple(b_s.shape)}")
+    if math.prod(a_t.shape[lead:]) != math.prod(b_t.shape[lead:]):
+        raise ValueError(f"a_t and b_t widths differ: {tuple(a_t.shape)} vs {tuple(b_t.shape)}")
+    if packed:
+        if attention_mask is not None:
+            raise ValueError("pass either cu_seqlens (packed inputs) or attention_mask (padded inputs), not both")
+        if max_seqlen is None:
+            raise ValueError("max_seqlen is required with cu_seqlens")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be a 1-D int32/int64 tensor, got {cu_seqlens.dtype} "
+                            f"{tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device != a_s.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {a_s.device}")
+    elif attention_mask is not None:
+        if tuple(attention_mask.shape) != tuple(a_s.shape[:2]):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                             f"{tuple(a_s.shape[:2])}")
+        if attention_mask.device != a_s.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but the inputs are on {a_s.device}")
+    xs = [_heads(x, lead, r, n) for n, x in (("a_s", a_s), ("b_s", b_s))]
+    xt = [_heads(x.detach(), lead, r, n) for n, x in (("a_t", a_t), ("b_t", b_t))]
+    c_s = 1.0 / math.sqrt(xs[0].shape[-1]) if scale_s is None else float(scale_s)
+    c_t = 1.0 / math.sqrt(xt[0].shape[-1]) if scale_t is None else float(scale_t)
+    return lookup("relation_kl", a_s.device)(xs[0], xs[1], xt[0], xt[1], c_s, c_t, cu_seqlens,
+                                             None if max_seqlen is None else int(max_seqlen), attention_mask)
+
+
+@register("relation_kl", "torch")
+def _relation_torch(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask):
+    return reference.relation_kl_rows(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask)
+
+
+# ------------------------------------------------------------------------------------------------ triton
+@torch.library.custom_op("fastdistil::relation_kl_fwd", mutates_args=())
+def _rel_fwd_op(a_s: Tensor, b_s: Tensor, a_t: Tensor, b_t: Tensor, scale_s: float, scale_t: float,
+                cu_seqlens: Optional[Tensor], max_seqlen: int, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """(kl, lse_t, lse_s), each (R, N) fp32; inputs (T, R, D) with cu_seqlens or (B, L, R, D)."""
+    from ..kernels import relation as K
+    return K.relation_forward(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask)
+
+
+def _rows(a_s):
+    return (a_s.shape[-2], a_s.shape[0]) if a_s.dim() == 3 else (a_s.shape[-2], a_s.shape[0] * a_s.shape[1])
+
+
+@_rel_fwd_op.register_fake
+def _(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask):
+    return tuple(a_s.new_empty(_rows(a_s), dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("fastdistil::relation_kl_bwd", mutates_args=())
+def _rel_bwd_op(grad: Tensor, a_s: Tensor, b_s: Tensor, a_t: Tensor, b_t: Tensor, lse_t: Tensor, lse_s: Tensor,
+                scale_s: float, scale_t: float, cu_seqlens: Optional[Tensor], max_seqlen: int,
+                mask: Optional[Tensor], need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
+    """(d_a_s, d_b_s) in the student's dtype; a gradient not asked for is an empty tensor."""
+    from ..kernels import relation as K
+    da, db = K.relation_backward(grad, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s, scale_t, cu_seqlens, max_seqlen,
+                                 mask, need_a, need_b)
+    return (da if need_a else a_s.new_empty(0)), (db if need_b else b_s.new_empty(0))
+
+
+@_rel_bwd_op.register_fake
+def _(grad, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s, scale_t, cu_seqlens, max_seqlen, mask, need_a, need_b):
+    return (torch.empty(a_s.shape, dtype=a_s.dtype, device=a_s.device) if need_a else a_s.new_empty(0),
+            torch.empty(b_s.shape, dtype=b_s.dtype, device=b_s.device) if need_b else b_s.new_empty(0))
+
+
+def _rel_setup(ctx, inputs, output):
+    a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask = inputs
+    _, lse_t, lse_s = output
+    ctx.args = (scale_s, scale_t, max_seqlen)
+    # Teacher tensors from torch.inference_mode() cannot go through save_for_backward; they never need a
+    # gradient (nor a version check), so they are kept as plain attributes instead of being copied.
+    inf = a_t.is_inference() or b_t.is_inference()
+    ctx.teacher = (a_t, b_t) if inf else None
+    ctx.save_for_backward(a_s, b_s, None if inf else a_t, None if inf else b_t, lse_t, lse_s, cu_seqlens, mask)
+
+
+def _rel_backward(ctx, grad, _g_lse_t, _g_lse_s):
+    a_s, b_s, a_t, b_t, lse_t, lse_s, cu_seqlens, mask = ctx.saved_tensors
+    if ctx.teacher is not None:
+        a_t, b_t = ctx.teacher
+    scale_s, scale_t, max_seqlen = ctx.args
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_a or need_b):
+        return (None,) * 9
+    da, db = _rel_bwd_op(grad, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s, scale_t, cu_seqlens, max_seqlen, mask,
+                         need_a, need_b)
+    return (da if need_a else None), (db if need_b else None), None, None, None, None, None, None, None
+
+
+_rel_fwd_op.register_autograd(_rel_backward, setup_context=_rel_setup)
+
+
+@register("relation_kl", "triton")
+def _relation_triton(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask):
+    if a_s.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
+        return _relation_torch(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask)
+    if a_s.shape[-1] > 256 or a_t.shape[-1] > 256:
+        raise ValueError(f"relation-head widths up to 256 are supported by the fused kernel, got student "
+                         f"{a_s.shape[-1]}, teacher {a_t.shape[-1]}: use more relation heads")
+    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32)
+    m = None if mask is None else (mask != 0).to(torch.int8).contiguous()
+    L = int(max_seqlen) if cu is not None else a_s.shape[1]
+    return _rel_fwd_op(a_s, b_s, a_t, b_t, scale_s, scale_t, cu, L, m)[0]

@@ -1,0 +1,461 @@
+"""Flash-style relation KL: KL(softmax(A_t B_t^T * c_t) || softmax(A_s B_s^T * c_s)) per query row, never
+writing an L x L matrix.
+
+What it fuses: for a relation head r of a sequence, the teacher relation logits s_t = a_t b_t^T * c_t and the
+student's s_s = a_s b_s^T * c_s (each (L, L)) are produced block by block in registers; for each query row the
+kernel keeps the two online logsumexps and the running sum of exp(s_t - m_t) * (s_t - s_s), and writes
+    KL_i = sum_j p_t,ij (s_t,ij - s_s,ij) - lse_t,i + lse_s,i
+plus lse_t,i and lse_s,i (float32) for the backward, which recomputes both relation matrices block by block.
+The same kernel is MiniLM's attention-distribution KL (a = q, b = k) and the self-relations of MiniLM v1
+(value relation, a = b = v) and MiniLMv2 (Q-Q, K-K, V-V: a = b = x): relation heads are views that split the
+concatenated head dimensions, so teacher and student may have different head counts and head dims.
+
+Layout: each of the four inputs is addressed as x[b, l, r, d] = X + b*s_b + l*s_l + r*s_r + d (the last dim
+contiguous; any other strides, e.g. q/k/v views of a fused QKV GEMM output). Two sequence descriptions:
+  VARLEN  packed tokens of B sequences (T rows), cu_seqlens (B+1,); s_b unused; outputs (R, T).
+  padded  (B, L) with an optional key/query mask (nonzero = real token, any pattern, left padding included);
+          outputs (R, B*L), zero at padded query rows.
+Statistics are float32. Teacher gradients are not computed: the teacher is a constant target.
+Interpreter workaround (Triton 3.9): bf16 `tl.dot` multiplies raw bit patterns in the interpreter (FACTS.md,
+triton-lang/triton#11584), so the launchers set DOT_F32=True when TRITON_INTERPRET=1 and the inputs are bf16:
+tiles are upcast to fp32 before every dot there. On a GPU DOT_F32 is False (fp16/bf16 tensor-core dots with fp32
+accumulation); fp32 inputs use input_precision="ieee" (no TF32) so fp32 results match the reference.
+Limits: relation-head dims up to 256 (one register tile per row block).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .spec import CompileSpec, Cost
+
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": no inf - inf = nan in the online rescale
+
+
+@triton.jit
+def _seq_bounds(CU, MASK, b, L, VARLEN: tl.constexpr):
+    """(first packed row of sequence b or b*L, its length for the loops)."""
+    if VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
+    else:
+        start = b.to(tl.int64) * L
+        seqlen = L
+    return start, seqlen
+
+
+@triton.jit
+def _tile(X, base, rows, ok_rows, s_l, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    """Load rows (BLOCK,) x [0, D) of one relation head, zero outside; fp32 when DOT_F32."""
+    d = tl.arange(0, BLOCK_D)
+    x = tl.load(X + base + rows[:, None].to(tl.int64) * s_l + d[None, :],
+                mask=ok_rows[:, None] & (d[None, :] < D), other=0.0)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _relation_fwd_kernel(
+    AT, BT, AS, BS,              # *fp16|bf16|fp32 teacher a, b and student a, b (see layout above)
+    sat_b: tl.int64, sat_l: tl.int64, sat_r: tl.int64,  # strides of AT: batch, token, relation head
+    sbt_b: tl.int64, sbt_l: tl.int64, sbt_r: tl.int64,  # strides of BT
+    sas_b: tl.int64, sas_l: tl.int64, sas_r: tl.int64,  # strides of AS
+    sbs_b: tl.int64, sbs_l: tl.int64, sbs_r: tl.int64,  # strides of BS
+    CU,                          # *int32 (B+1,) cu_seqlens (VARLEN)
+    MASK,                        # *int8 (B, L) real-token mask, contiguous (HAS_MASK)
+    KL, LSE_T, LSE_S,            # *fp32 (R, N) outputs, contiguous
+    N: tl.int64,                 # rows per relation head in the outputs (T, or B*L)
+    L: tl.int32,                 # padded length (unused when VARLEN)
+    scale_t: tl.float32, scale_s: tl.float32,
+    DT: tl.constexpr, DS: tl.constexpr,            # relation-head dims of teacher and student
+    BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr,  # their power-of-two tiles (>= 16)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    r = tl.program_id(2).to(tl.int64)
+    start, seqlen = _seq_bounds(CU, MASK, b, L, VARLEN)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    if VARLEN:
+        bat = start * sat_l + r * sat_r
+        bbt = start * sbt_l + r * sbt_r
+        bas = start * sas_l + r * sas_r
+        bbs = start * sbs_l + r * sbs_r
+    else:
+        bat = b.to(tl.int64) * sat_b + r * sat_r
+        bbt = b.to(tl.int64) * sbt_b + r * sbt_r
+        bas = b.to(tl.int64) * sas_b + r * sas_r
+        bbs = b.to(tl.int64) * sbs_b + r * sbs_r
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = offs_m < seqlen
+    real_m = in_m
+    if HAS_MASK:
+        real_m = in_m & (tl.load(MASK + start + offs_m, mask=in_m, other=0) != 0)
+    a_t = _tile(AT, bat, offs_m, in_m, sat_l, DT, BLOCK_DT, DOT_F32)  # (BLOCK_M, BLOCK_DT)
+    a_s = _tile(AS, bas, offs_m, in_m, sas_l, DS, BLOCK_DS, DOT_F32)  # (BLOCK_M, BLOCK_DS)
+    m_t = tl.full((BLOCK_M,), _NEG, tl.float32)
+    m_s = tl.full((BLOCK_M,), _NEG, tl.float32)
+    l_t = tl.zeros((BLOCK_M,), tl.float32)
+    l_s = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M,), tl.float32)  # sum_j exp(s_t,ij - m_t,i) * (s_t,ij - s_s,ij)
+    for n0 in range(0, seqlen, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_n = offs_n < seqlen
+        real_n = in_n
+        if HAS_MASK:
+            real_n = in_n & (tl.load(MASK + start + offs_n, mask=in_n, other=0) != 0)
+        b_t = _tile(BT, bbt, offs_n, in_n, sbt_l, DT, BLOCK_DT, DOT_F32)  # (BLOCK_N, BLOCK_DT)
+        b_s = _tile(BS, bbs, offs_n, in_n, sbs_l, DS, BLOCK_DS, DOT_F32)
+        s_t = tl.dot(a_t, tl.trans(b_t), input_precision=PREC) * scale_t  # (BLOCK_M, BLOCK_N) fp32
+        s_s = tl.dot(a_s, tl.trans(b_s), input_precision=PREC) * scale_s
+        ok = real_n[None, :]
+        m_t_new = tl.maximum(m_t, tl.max(tl.where(ok, s_t, _NEG), axis=1))
+        m_s_new = tl.maximum(m_s, tl.max(tl.where(ok, s_s, _NEG), axis=1))
+        e_t = tl.where(ok, tl.exp(s_t - m_t_new[:, None]), 0.0)
+        e_s = tl.where(ok, tl.exp(s_s - m_s_new[:, None]), 0.0)
+        alpha_t = tl.exp(m_t - m_t_new)
+        l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
+        acc = acc * alpha_t + tl.sum(e_t * (s_t - s_s), axis=1)
+        l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(e_s, axis=1)
+        m_t = m_t_new
+        m_s = m_s_new
+    real_m = real_m & (l_t > 0.0)
+    l_t = tl.where(real_m, l_t, 1.0)
+    l_s = tl.where(real_m, l_s, 1.0)
+    lse_t = m_t + tl.log(l_t)
+    lse_s = m_s + tl.log(l_s)
+    kl = acc / l_t - lse_t + lse_s
+    out = r * N + start + offs_m
+    tl.store(KL + out, tl.where(real_m, kl, 0.0), mask=in_m)
+    tl.store(LSE_T + out, tl.where(real_m, lse_t, 0.0), mask=in_m)
+    tl.store(LSE_S + out, tl.where(real_m, lse_s, 0.0), mask=in_m)
+
+
+# Backward (student side only). With s_s = c_s a_s b_s^T and KL_i = sum_j p_t,ij (s_t,ij - s_s,ij) - lse_t,i
+# + lse_s,i, dKL_i/ds_s,ij = p_s,ij - p_t,ij. So with g_i the incoming gradient of KL_i,
+#     dS_ij = g_i (p_s,ij - p_t,ij) c_s,     dA_s = dS B_s,     dB_s = dS^T A_s,
+# p_t = exp(s_t - lse_t), p_s = exp(s_s - lse_s) recomputed from the saved float32 logsumexps. The tensor-core
+# dots take p_s - p_t (bounded by 1) in the input dtype and g is applied in fp32 around them (see the dB kernel).
+# _relation_bwd_da_kernel walks query blocks (dA_s rows, keys streamed); _relation_bwd_db_kernel walks key
+# blocks (dB_s rows, queries streamed): no atomics, every gradient row written exactly once.
+@triton.jit
+def _relation_bwd_da_kernel(
+    AT, BT, AS, BS,
+    sat_b: tl.int64, sat_l: tl.int64, sat_r: tl.int64,
+    sbt_b: tl.int64, sbt_l: tl.int64, sbt_r: tl.int64,
+    sas_b: tl.int64, sas_l: tl.int64, sas_r: tl.int64,
+    sbs_b: tl.int64, sbs_l: tl.int64, sbs_r: tl.int64,
+    CU, MASK,
+    LSE_T, LSE_S,                # *fp32 (R, N) from the forward
+    G,                           # *fp32 (R, N) incoming gradient of KL, strides sg_r, sg_n (may be 0)
+    sg_r: tl.int64, sg_n: tl.int64,
+    DA,                          # *dtype out: gradient of AS, laid out like AS with strides sda_*
+    sda_b: tl.int64, sda_l: tl.int64, sda_r: tl.int64,
+    N: tl.int64, L: tl.int32,
+    scale_t: tl.float32, scale_s: tl.float32,
+    DT: tl.constexpr, DS: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    r = tl.program_id(2).to(tl.int64)
+    start, seqlen = _seq_bounds(CU, MASK, b, L, VARLEN)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    if VARLEN:
+        bat = start * sat_l + r * sat_r
+        bbt = start * sbt_l + r * sbt_r
+        bas = start * sas_l + r * sas_r
+        bbs = start * sbs_l + r * sbs_r
+        bda = start * sda_l + r * sda_r
+    else:
+        bat = b.to(tl.int64) * sat_b + r * sat_r
+        bbt = b.to(tl.int64) * sbt_b + r * sbt_r
+        bas = b.to(tl.int64) * sas_b + r * sas_r
+        bbs = b.to(tl.int64) * sbs_b + r * sbs_r
+        bda = b.to(tl.int64) * sda_b + r * sda_r
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = offs_m < seqlen
+    real_m = in_m
+    if HAS_MASK:
+        real_m = in_m & (tl.load(MASK + start + offs_m, mask=in_m, other=0) != 0)
+    rows = r * N + start + offs_m
+    lse_t = tl.load(LSE_T + rows, mask=in_m, other=0.0)
+    lse_s = tl.load(LSE_S + rows, mask=in_m, other=0.0)
+    g = tl.load(G + r * sg_r + (start + offs_m) * sg_n, mask=in_m, other=0.0).to(tl.float32)
+    g = tl.where(real_m, g * scale_s, 0.0)
+    a_t = _tile(AT, bat, offs_m, in_m, sat_l, DT, BLOCK_DT, DOT_F32)
+    a_s = _tile(AS, bas, offs_m, in_m, sas_l, DS, BLOCK_DS, DOT_F32)
+    da = tl.zeros((BLOCK_M, BLOCK_DS), tl.float32)
+    for n0 in range(0, seqlen, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_n = offs_n < seqlen
+        real_n = in_n
+        if HAS_MASK:
+            real_n = in_n & (tl.load(MASK + start + offs_n, mask=in_n, other=0) != 0)
+        b_t = _tile(BT, bbt, offs_n, in_n, sbt_l, DT, BLOCK_DT, DOT_F32)
+        b_s = _tile(BS, bbs, offs_n, in_n, sbs_l, DS, BLOCK_DS, DOT_F32)
+        s_t = tl.dot(a_t, tl.trans(b_t), input_precision=PREC) * scale_t
+        s_s = tl.dot(a_s, tl.trans(b_s), input_precision=PREC) * scale_s
+        ok = real_m[:, None] & real_n[None, :]
+        p_t = tl.where(ok, tl.exp(s_t - lse_t[:, None]), 0.0)
+        p_s = tl.where(ok, tl.exp(s_s - lse_s[:, None]), 0.0)
+        dp = p_s - p_t  # (BLOCK_M, BLOCK_N), |dp| <= 1: safe to round to fp16 (g_i * dp could underflow)
+        da += tl.dot(dp.to(b_s.dtype), b_s, input_precision=PREC)
+    da = da * g[:, None]
+    d = tl.arange(0, BLOCK_DS)
+    tl.store(DA + bda + offs_m[:, None].to(tl.int64) * sda_l + d[None, :], da.to(DA.dtype.element_ty),
+             mask=in_m[:, None] & (d[None, :] < DS))
+
+
+@triton.jit
+def _relation_bwd_db_kernel(
+    AT, BT, AS, BS,
+    sat_b: tl.int64, sat_l: tl.int64, sat_r: tl.int64,
+    sbt_b: tl.int64, sbt_l: tl.int64, sbt_r: tl.int64,
+    sas_b: tl.int64, sas_l: tl.int64, sas_r: tl.int64,
+    sbs_b: tl.int64, sbs_l: tl.int64, sbs_r: tl.int64,
+    CU, MASK,
+    LSE_T, LSE_S,
+    G, sg_r: tl.int64, sg_n: tl.int64,
+    DB,                          # *dtype out: gradient of BS, laid out like BS with strides sdb_*
+    sdb_b: tl.int64, sdb_l: tl.int64, sdb_r: tl.int64,
+    N: tl.int64, L: tl.int32,
+    scale_t: tl.float32, scale_s: tl.float32,
+    DT: tl.constexpr, DS: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    r = tl.program_id(2).to(tl.int64)
+    start, seqlen = _seq_bounds(CU, MASK, b, L, VARLEN)
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    if VARLEN:
+        bat = start * sat_l + r * sat_r
+        bbt = start * sbt_l + r * sbt_r
+        bas = start * sas_l + r * sas_r
+        bbs = start * sbs_l + r * sbs_r
+        bdb = start * sdb_l + r * sdb_r
+    else:
+        bat = b.to(tl.int64) * sat_b + r * sat_r
+        bbt = b.to(tl.int64) * sbt_b + r * sbt_r
+        bas = b.to(tl.int64) * sas_b + r * sas_r
+        bbs = b.to(tl.int64) * sbs_b + r * sbs_r
+        bdb = b.to(tl.int64) * sdb_b + r * sdb_r
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = offs_n < seqlen
+    real_n = in_n
+    if HAS_MASK:
+        real_n = in_n & (tl.load(MASK + start + offs_n, mask=in_n, other=0) != 0)
+    b_t = _tile(BT, bbt, offs_n, in_n, sbt_l, DT, BLOCK_DT, DOT_F32)  # (BLOCK_N, BLOCK_DT)
+    b_s = _tile(BS, bbs, offs_n, in_n, sbs_l, DS, BLOCK_DS, DOT_F32)
+    db = tl.zeros((BLOCK_N, BLOCK_DS), tl.float32)
+    for m0 in range(0, seqlen, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        in_m = offs_m < seqlen
+        real_m = in_m
+        if HAS_MASK:
+            real_m = in_m & (tl.load(MASK + start + offs_m, mask=in_m, other=0) != 0)
+        rows = r * N + start + offs_m
+        lse_t = tl.load(LSE_T + rows, mask=in_m, other=0.0)
+        lse_s = tl.load(LSE_S + rows, mask=in_m, other=0.0)
+        g = tl.load(G + r * sg_r + (start + offs_m) * sg_n, mask=in_m, other=0.0).to(tl.float32)
+        g = tl.where(real_m, g * scale_s, 0.0)
+        a_t = _tile(AT, bat, offs_m, in_m, sat_l, DT, BLOCK_DT, DOT_F32)
+        a_s = _tile(AS, bas, offs_m, in_m, sas_l, DS, BLOCK_DS, DOT_F32)
+        s_t = tl.dot(a_t, tl.trans(b_t), input_precision=PREC) * scale_t  # (BLOCK_M, BLOCK_N)
+        s_s = tl.dot(a_s, tl.trans(b_s), input_precision=PREC) * scale_s
+        ok = real_m[:, None] & real_n[None, :]
+        p_t = tl.where(ok, tl.exp(s_t - lse_t[:, None]), 0.0)
+        p_s = tl.where(ok, tl.exp(s_s - lse_s[:, None]), 0.0)
+        # g varies along the streamed rows, so it cannot be applied after the dot: normalise it by the block's
+        # largest |g| (a mean's 1/(R*N) would underflow fp16 once multiplied by small dp) and scale back in fp32.
+        g_ref = tl.max(tl.abs(g), axis=0)
+        g_ref = tl.where(g_ref > 0.0, g_ref, 1.0)
+        ds = (g / g_ref)[:, None] * (p_s - p_t)
+        db += g_ref * tl.dot(tl.trans(ds.to(a_s.dtype)), a_s, input_precision=PREC)
+    d = tl.arange(0, BLOCK_DS)
+    tl.store(DB + bdb + offs_n[:, None].to(tl.int64) * sdb_l + d[None, :], db.to(DB.dtype.element_ty),
+             mask=in_n[:, None] & (d[None, :] < DS))
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _config(dt: int, ds: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): 64 x 64 tiles, 32-row blocks for wide relation heads (registers)."""
+    if max(dt, ds) > 128:
+        return 32, 32, 4
+    return 64, 64, 4
+
+
+def _prec(dtype) -> str:
+    import torch
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dot_f32(dtype) -> bool:
+    import os
+
+    import torch
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _strides(x):
+    """(s_b, s_l, s_r) of a (T, R, D) packed or (B, L, R, D) padded view with a contiguous last dim."""
+    if x.dim() == 3:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _geometry(a_s, cu_seqlens, max_seqlen):
+    if a_s.dim() == 3:
+        return cu_seqlens.shape[0] - 1, int(max_seqlen), a_s.shape[0], True
+    B, L = a_s.shape[0], a_s.shape[1]
+    return B, L, B * L, False
+
+
+def relation_forward(a_s, b_s, a_t, b_t, scale_s: float, scale_t: float, cu_seqlens=None, max_seqlen=None,
+                     mask=None):
+    """Per-row relation KL and the two logsumexps, without an L x L buffer.
+
+    Args:
+        a_s, b_s: student (T, R, Ds) packed or (B, L, R, Ds) padded views, last dim contiguous.
+        a_t, b_t: teacher (T, R, Dt) or (B, L, R, Dt), same dtype and device as the student's.
+        scale_s, scale_t: the multipliers c_s, c_t of the relation logits.
+        cu_seqlens: (B+1,) int32 for packed inputs; max_seqlen: their longest length (int).
+        mask: optional (B, L) int8 real-token mask for padded inputs.
+    Returns:
+        kl, lse_t, lse_s: (R, N) float32, N = T or B*L; kl is 0 at padded query rows.
+    """
+    import torch
+    B, L, N, varlen = _geometry(a_s, cu_seqlens, max_seqlen)
+    R, Ds, Dt = a_s.shape[-2], a_s.shape[-1], a_t.shape[-1]
+    kl = torch.empty((R, N), dtype=torch.float32, device=a_s.device)
+    lse_t, lse_s = torch.empty_like(kl), torch.empty_like(kl)
+    if N == 0 or B == 0 or L == 0:
+        return kl.zero_(), lse_t.zero_(), lse_s.zero_()
+    if not varlen:
+        kl.zero_()
+    bm, bn, warps = _config(Dt, Ds)
+    dummy = kl
+    grid = (triton.cdiv(L, bm), B, R)
+    _relation_fwd_kernel[grid](
+        a_t, b_t, a_s, b_s, *_strides(a_t), *_strides(b_t), *_strides(a_s), *_strides(b_s),
+        cu_seqlens if varlen else dummy, mask if mask is not None else dummy, kl, lse_t, lse_s, N, L,
+        scale_t, scale_s, DT=Dt, DS=Ds, BLOCK_DT=_block_d(Dt), BLOCK_DS=_block_d(Ds), BLOCK_M=bm, BLOCK_N=bn,
+        VARLEN=varlen, HAS_MASK=mask is not None, DOT_F32=_dot_f32(a_s.dtype), PREC=_prec(a_s.dtype),
+        num_warps=warps)
+    return kl, lse_t, lse_s
+
+
+def relation_backward(grad_kl, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s: float, scale_t: float,
+                      cu_seqlens=None, max_seqlen=None, mask=None, need_a: bool = True, need_b: bool = True):
+    """Gradients of sum(grad_kl * KL) w.r.t. the student's a_s and b_s (recomputing the relations).
+
+    Args:
+        grad_kl: (R, N) incoming gradient, any strides (a reduction's expanded gradient works).
+        a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask: as given to the forward.
+        lse_t, lse_s: (R, N) float32 from :func:`relation_forward`.
+        need_a, need_b: which gradients to compute.
+    Returns:
+        (d_a_s or None, d_b_s or None), contiguous, in the student's dtype, zero at padded rows.
+    """
+    import torch
+    B, L, N, varlen = _geometry(a_s, cu_seqlens, max_seqlen)
+    R, Ds, Dt = a_s.shape[-2], a_s.shape[-1], a_t.shape[-1]
+    g = grad_kl if grad_kl.dtype == torch.float32 else grad_kl.float()
+    bm, bn, warps = _config(Dt, Ds)
+    consts = dict(DT=Dt, DS=Ds, BLOCK_DT=_block_d(Dt), BLOCK_DS=_block_d(Ds), BLOCK_M=bm, BLOCK_N=bn,
+                  VARLEN=varlen, HAS_MASK=mask is not None, DOT_F32=_dot_f32(a_s.dtype), PREC=_prec(a_s.dtype),
+                  num_warps=warps)
+    common = (a_t, b_t, a_s, b_s, *_strides(a_t), *_strides(b_t), *_strides(a_s), *_strides(b_s),
+              cu_seqlens if varlen else lse_t, mask if mask is not None else lse_t, lse_t, lse_s,
+              g, g.stride(0), g.stride(1))
+    empty = N == 0 or B == 0 or L == 0
+    da = db = None
+    if need_a:
+        da = torch.zeros(a_s.shape, dtype=a_s.dtype, device=a_s.device)
+        if not empty:
+            _relation_bwd_da_kernel[(triton.cdiv(L, bm), B, R)](*common, da, *_strides(da), N, L, scale_t, scale_s,
+                                                                **consts)
+    if need_b:
+        db = torch.zeros(b_s.shape, dtype=b_s.dtype, device=b_s.device)
+        if not empty:
+            _relation_bwd_db_kernel[(triton.cdiv(L, bn), B, R)](*common, db, *_strides(db), N, L, scale_t, scale_s,
+                                                                **consts)
+    return da, db
+
+
+# ------------------------------------------------------------------------------------------- protocol
+_TY = ("fp16", "bf16", "fp32")
+# (teacher relation-head dim, student relation-head dim): MiniLM v1 (64, 32); MiniLMv2 with 12 relation heads
+# (64, 32), with 48 relation heads on base/large teachers (16, 8) and (16, 16); self-relations of equal widths.
+_DIMS = ((64, 32), (32, 32), (64, 64), (16, 8), (16, 16))
+
+
+def _signature(ty: str, kind: str) -> dict:
+    sig = {n: f"*{ty}" for n in ("AT", "BT", "AS", "BS")}
+    for x in ("at", "bt", "as", "bs"):
+        for s in ("b", "l", "r"):
+            sig[f"s{x}_{s}"] = "i64"
+    sig.update({"CU": "*i32", "MASK": "*i8"})
+    if kind == "fwd":
+        sig.update({"KL": "*fp32", "LSE_T": "*fp32", "LSE_S": "*fp32"})
+    else:
+        out = "DA" if kind == "da" else "DB"
+        sig.update({"LSE_T": "*fp32", "LSE_S": "*fp32", "G": "*fp32", "sg_r": "i64", "sg_n": "i64",
+                    out: f"*{ty}", f"s{out.lower()}_b": "i64", f"s{out.lower()}_l": "i64",
+                    f"s{out.lower()}_r": "i64"})
+    sig.update({"N": "i64", "L": "i32", "scale_t": "fp32", "scale_s": "fp32"})
+    for c in ("DT", "DS", "BLOCK_DT", "BLOCK_DS", "BLOCK_M", "BLOCK_N", "VARLEN", "HAS_MASK", "DOT_F32", "PREC"):
+        sig[c] = "constexpr"
+    return sig
+
+
+def compile_specs() -> list[CompileSpec]:
+    """dtype x (Dt, Ds) x {varlen, padded+mask} x {fwd, dA, dB}, with the launchers' own tile choice."""
+    kernels = {"fwd": _relation_fwd_kernel, "da": _relation_bwd_da_kernel, "db": _relation_bwd_db_kernel}
+    specs = []
+    for ty in _TY:
+        for dt, ds in _DIMS:
+            bm, bn, warps = _config(dt, ds)
+            for varlen in (True, False):
+                for kind, fn in kernels.items():
+                    consts = {"DT": dt, "DS": ds, "BLOCK_DT": _block_d(dt), "BLOCK_DS": _block_d(ds),
+                              "BLOCK_M": bm, "BLOCK_N": bn, "VARLEN": varlen, "HAS_MASK": not varlen,
+                              "DOT_F32": False, "PREC": "ieee" if ty == "fp32" else "tf32"}
+                    specs.append(CompileSpec(
+                        fn.__name__, fn, _signature(ty, kind), consts,
+                        f"{ty} Dt={dt} Ds={ds} {'varlen' if varlen else 'padded+mask'} {kind}",
+                        num_warps=warps, num_stages=2, expect_tensor_cores=ty != "fp32"))
+    return specs
+
+
+def cost(batch: int, seqlen: int, relation_heads: int, dt: int, ds: int, elem_bytes: int = 2,
+         backward: bool = True) -> list[Cost]:
+    """One relation KL over `batch` sequences of `seqlen` tokens (padded-equivalent lengths).
+
+    Forward: two relation GEMMs per head (2*L*L*(Dt+Ds) FLOPs) plus ~12 vector ops per L x L element;
+    reads the four inputs once (per query block they are re-read from L2, not HBM, at these sizes), writes 3 x
+    R x N fp32. Backward: dA and dB kernels each recompute both relation GEMMs and add one gradient GEMM.
+    """
+    n = float(batch) * seqlen
+    e = float(batch) * relation_heads * seqlen * seqlen  # L x L elements over all heads and sequences
+    io = elem_bytes * n * relation_heads * 2 * (dt + ds)
+    out = [Cost("relation.fwd", 2.0 * e * (dt + ds), io + 12.0 * relation_heads * n, 1, True),
+           Cost("relation.fwd.vector", 12.0 * e, 0.0, 0, False)]
+    if backward:
+        for k in ("dA", "dB"):
+            out.append(Cost(f"relation.bwd.{k}", 2.0 * e * (dt + 2 * ds), io + elem_bytes * n * relation_heads * ds
+                            + 12.0 * relation_heads * n, 1, True))
+            out.append(Cost(f"relation.bwd.{k}.vector", 10.0 * e, 0.0, 0, False))
+    return out
