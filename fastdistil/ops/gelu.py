@@ -80,3 +80,60 @@ def _bias_gelu_triton(x, bias, *, approximate):
     if x.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
         return _bias_gelu_torch(x, bias, approximate=approximate)
     return _bias_gelu_fwd_op(_rows(x, x.shape[-1]), bias, approximate).view(x.shape)
+
+
+# Linear + bias + GELU in one launch (kernels/matmul.py, EPILOGUE 1): the triton implementation of
+# fastdistil.ops.linear_gelu (see ops/fused.py for the op's contract).
+@torch.library.custom_op("fastdistil::linear_gelu_fwd", mutates_args=())
+def _lin_gelu_fwd_op(x: Tensor, weight: Tensor, bias: Tensor, approximate: str, save: bool) -> tuple[Tensor, Tensor]:
+    """(h, pre): pre = x W^T without bias, stored only when `save` (else empty)."""
+    from ..kernels import matmul as K
+    h, pre = K.linear_gelu_fwd(x, weight, bias, True, approximate, store_pre=save)
+    return h, (pre if save else x.new_empty(0))
+
+
+@_lin_gelu_fwd_op.register_fake
+def _(x, weight, bias, approximate, save):
+    m, n = x.shape[0], weight.shape[0]
+    return x.new_empty(m, n), (x.new_empty(m, n) if save else x.new_empty(0))
+
+
+@torch.library.custom_op("fastdistil::linear_gelu_bwd", mutates_args=())
+def _lin_gelu_bwd_op(dh: Tensor, x: Tensor, weight: Tensor, pre: Tensor, bias: Tensor,
+                     approximate: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias): the bias+GELU backward kernel gives d(x W^T + b) and dbias, two GEMMs the rest."""
+    from ..kernels import gelu as K
+    du, db = K.bias_gelu_bwd(dh, pre, bias, approximate)
+    return du @ weight, du.t() @ x, db.to(bias.dtype)
+
+
+@_lin_gelu_bwd_op.register_fake
+def _(dh, x, weight, pre, bias, approximate):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _lin_gelu_setup(ctx, inputs, output):
+    x, weight, bias, approximate, save = inputs
+    ctx.approximate = approximate
+    ctx.save_for_backward(x, weight, output[1], bias)
+
+
+def _lin_gelu_backward(ctx, dh, _dpre):
+    x, weight, pre, bias = ctx.saved_tensors
+    dx, dw, db = _lin_gelu_bwd_op(dh, x, weight, pre, bias, ctx.approximate)
+    return dx, dw, db, None, None
+
+
+_lin_gelu_fwd_op.register_autograd(_lin_gelu_backward, setup_context=_lin_gelu_setup)
+
+
+@register("linear_gelu", "triton")
+def _linear_gelu_triton(x, weight, bias, *, approximate):
+    import torch.nn.functional as F
+
+    from .layer_norm import needs_grad
+    if x.dtype == torch.float64 or weight.dtype != x.dtype:  # unfused: GEMM, then the bias+GELU kernel
+        return bias_gelu(F.linear(x, weight), bias, approximate=approximate)
+    save = needs_grad(x, weight, bias)
+    h = _lin_gelu_fwd_op(_rows(x, x.shape[-1]), weight.contiguous(), bias, approximate, save)[0]
+    return h.view(*x.shape[:-1], weight.shape[0])

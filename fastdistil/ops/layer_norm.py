@@ -132,3 +132,74 @@ def _layer_norm_triton(x, weight, bias, eps, residual, *, input_bias, dropout_p)
     y = _ln_fwd_op(_rows(x, n), weight, bias, float(eps), None if residual is None else _rows(residual, n),
                    input_bias, float(dropout_p), seed, save)[0]
     return y.view(x.shape)
+
+
+# Linear + bias + dropout + residual + LayerNorm in one launch (kernels/matmul.py, EPILOGUE 2): the triton
+# implementation of fastdistil.ops.linear_layer_norm (see ops/fused.py for the op's contract).
+@torch.library.custom_op("fastdistil::linear_layer_norm_fwd", mutates_args=())
+def _lin_ln_fwd_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                   eps: float, dropout_p: float, seed: Optional[Tensor],
+                   save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, z, mean, rstd); z and the statistics are empty unless `save`."""
+    from ..kernels import matmul as K
+    y, z, mean, rstd = K.linear_layer_norm_fwd(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed,
+                                               save)
+    return y, (z if save else x.new_empty(0)), mean, rstd
+
+
+@_lin_ln_fwd_op.register_fake
+def _(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed, save):
+    m, n = x.shape[0], weight.shape[0]
+    y = x.new_empty(m, n)
+    z = x.new_empty(m, n) if save else x.new_empty(0)
+    stats = x.new_empty(m if save else 0, dtype=torch.float32)
+    return y, z, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastdistil::linear_layer_norm_bwd", mutates_args=())
+def _lin_ln_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, ln_weight: Tensor,
+                   dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dresidual, dln_weight, dln_bias): the LayerNorm backward kernel gives d(x W^T + b)
+    (through the regenerated dropout mask) and dresidual; two library GEMMs give dx and dweight."""
+    from ..kernels import layer_norm as K
+    dpre, dres, dlw, dlb, db = K.layer_norm_bwd(dy, z, mean, rstd, ln_weight, True, dropout_p, seed)
+    dx = dpre @ weight                          # (M, N) @ (N, K)
+    dw = dpre.t() @ x                           # (N, M) @ (M, K)
+    return dx, dw, db.to(weight.dtype), dres, dlw, dlb
+
+
+@_lin_ln_bwd_op.register_fake
+def _(dy, x, weight, z, mean, rstd, ln_weight, dropout_p, seed):
+    return (torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0]), torch.empty_like(z),
+            torch.empty_like(ln_weight), torch.empty_like(ln_weight))
+
+
+def _lin_ln_setup(ctx, inputs, output):
+    x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed, save = inputs
+    ctx.p = dropout_p
+    ctx.save_for_backward(x, weight, output[1], output[2], output[3], ln_weight, seed)
+
+
+def _lin_ln_backward(ctx, dy, _dz, _dmean, _drstd):
+    x, weight, z, mean, rstd, ln_weight, seed = ctx.saved_tensors
+    dx, dw, db, dres, dlw, dlb = _lin_ln_bwd_op(dy, x, weight, z, mean, rstd, ln_weight, ctx.p, seed)
+    return dx, dw, db, dres, dlw, dlb, None, None, None, None
+
+
+_lin_ln_fwd_op.register_autograd(_lin_ln_backward, setup_context=_lin_ln_setup)
+
+
+@register("linear_layer_norm", "triton")
+def _linear_layer_norm_triton(x, weight, bias, residual, ln_weight, ln_bias, eps, *, dropout_p):
+    import torch.nn.functional as F
+
+    from ..kernels.matmul import LN_MAX_WIDTH
+    n = weight.shape[0]
+    if x.dtype == torch.float64 or weight.dtype != x.dtype or n > LN_MAX_WIDTH:  # unfused: GEMM, then the LN kernel
+        return layer_norm(F.linear(x, weight), ln_weight, ln_bias, eps, residual, input_bias=bias,
+                          dropout_p=dropout_p)
+    save = needs_grad(x, weight, bias, residual, ln_weight, ln_bias)
+    seed = dropout_seed(x.device) if dropout_p > 0 else None
+    y = _lin_ln_fwd_op(_rows(x, x.shape[-1]), weight.contiguous(), bias, _rows(residual, n), ln_weight, ln_bias,
+                       float(eps), float(dropout_p), seed, save)[0]
+    return y.view(residual.shape)

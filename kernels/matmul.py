@@ -1,0 +1,214 @@
+"""Linear layers with fused epilogues: C = epilogue(A @ W^T + bias), A (M, K) row-major, W (N, K) (nn.Linear's
+layout), so each BERT sub-block is one launch.
+
+Epilogues (constexpr EPILOGUE):
+  0  bias                                    C = A W^T + b
+  1  bias + GELU (exact erf; tanh on request) C = GELU(A W^T + b); optionally stores the bias-free product
+                                             (PRE) for the backward, only when training
+  2  bias + dropout + residual + LayerNorm   C = LN(dropout(A W^T + b) + R): one program owns BLOCK_M full rows
+                                             (BLOCK_N = next power of two >= N, masked), so the row statistics
+                                             come straight from the accumulator; the row math is `ln_rows` of
+                                             kernels/layer_norm.py, dropout its counter-based Philox mask.
+Backward (registered in fastdistil/ops/gelu.py and ops/layer_norm.py): the epilogue's own backward kernel
+(kernels/gelu.py's or kernels/layer_norm.py's) turns dC into d(A W^T), then two library GEMMs give dA and dW.
+
+Precision: fp16/bf16 operands accumulate in fp32 on tensor cores. fp32 operands use input_precision="ieee" (true
+fp32 FMA, what torch does with allow_tf32 off) so fp32 parity claims hold on a GPU, not only in the interpreter.
+Interpreter workaround (Triton 3.9, issue 11584): bf16 tl.dot multiplies raw bit patterns there, so the launcher
+sets UPCAST=True when TRITON_INTERPRET=1 and the operands are bf16: the tiles are cast to fp32 before the dot.
+On a GPU UPCAST is False and bf16 runs on tensor cores; the bf16 path is otherwise the fp16 code.
+Limits: K, N any (masked); unit column stride for A, W, C; EPILOGUE 2 needs N <= 1024.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .gelu import gelu_math
+from .layer_norm import ln_rows
+from .spec import CompileSpec, Cost, gemm_cost
+
+LN_MAX_WIDTH = 1024
+
+
+@triton.jit
+def _linear_fwd(A, stride_am,                 # (M, K) input
+                W, stride_wn,                 # (N, K) weight
+                BIAS,                         # (N,) bias
+                C, stride_cm,                 # (M, N) output
+                PRE, stride_pm,               # (M, N) bias-free product (EPILOGUE 1 with STORE_PRE)
+                RES, stride_res,              # (M, N) residual (EPILOGUE 2)
+                LN_W, LN_B,                   # (N,) LayerNorm affine (EPILOGUE 2)
+                Z, stride_z,                  # (M, N) pre-norm sum (EPILOGUE 2 with STORE_Z)
+                MEAN, RSTD,                   # (M,) fp32 statistics (EPILOGUE 2 with STORE_STATS)
+                SEED,                         # (1,) int64 Philox seed (HAS_DROPOUT)
+                M, N, K,
+                p, eps,                       # dropout probability, LayerNorm epsilon
+                EPILOGUE: tl.constexpr, TANH: tl.constexpr, STORE_PRE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                STORE_Z: tl.constexpr, STORE_STATS: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    if EPILOGUE == 2:
+        pid_m = pid
+        pid_n = 0
+    else:  # grouped ordering: GROUP_M row blocks share the W tiles in L2
+        n_blocks = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * n_blocks
+        first_m = (pid // width) * GROUP_M
+        group = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % group
+        pid_n = (pid % width) // group
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mmask = rm < M
+    nmask = rn < N
+    a_ptr = A + rm[:, None] * stride_am + rk[None, :]
+    w_ptr = W + rn.to(tl.int64)[None, :] * stride_wn + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        kmask = (k + rk) < K
+        a = tl.load(a_ptr, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr, mask=kmask[:, None] & nmask[None, :], other=0.0)  # (BLOCK_K, BLOCK_N) = W^T tile
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    if EPILOGUE == 2:
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(SEED)
+        ln_rows(acc, rm, rn, M, N, RES, stride_res, BIAS, LN_W, LN_B, C, stride_cm, Z, stride_z, MEAN, RSTD, seed,
+                p, eps, True, True, HAS_DROPOUT, STORE_Z, STORE_STATS)
+    else:
+        mask = mmask[:, None] & nmask[None, :]
+        if STORE_PRE:
+            tl.store(PRE + rm[:, None] * stride_pm + rn[None, :], acc.to(PRE.dtype.element_ty), mask=mask)
+        acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == 1:
+            acc = gelu_math(acc, TANH)
+        tl.store(C + rm[:, None] * stride_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+_TILE = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+
+
+def _ln_tile(n: int) -> dict:
+    """Full-row tiles: BLOCK_M x next_pow2(N) fp32 accumulator kept at <= 64 registers a thread (8 warps)."""
+    if n > LN_MAX_WIDTH:
+        raise ValueError(f"the LayerNorm epilogue supports widths up to {LN_MAX_WIDTH}, got {n}")
+    bn = max(16, triton.next_power_of_2(n))
+    return dict(BLOCK_M=max(16, min(64, 16384 // bn)), BLOCK_N=bn, BLOCK_K=32, GROUP_M=1, num_warps=8,
+                num_stages=2)
+
+
+def _common(a, w):
+    import torch
+
+    from fastdistil.backend import interpreting
+    upcast = interpreting() and a.dtype == torch.bfloat16
+    return dict(UPCAST=upcast, PRECISION="ieee")
+
+
+def linear_gelu_fwd(a, w, bias, epilogue_gelu=True, approximate="none", store_pre=False):
+    """C = GELU(a @ w.T + bias) (or a @ w.T + bias when not epilogue_gelu); a (M, K), w (N, K), bias (N,).
+    Returns (C, PRE or None) where PRE = a @ w.T (no bias), stored only when store_pre."""
+    import torch
+    M, K = a.shape
+    N = w.shape[0]
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    pre = torch.empty(M, N, device=a.device, dtype=a.dtype) if store_pre else c
+    t = _TILE
+    if M and N:
+        grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]),)
+        _linear_fwd[grid](a, a.stride(0), w, w.stride(0), bias, c, c.stride(0), pre, pre.stride(0), c, 0, bias, bias,
+                          c, 0, bias, bias, bias, M, N, K, 0.0, 0.0,
+                          EPILOGUE=1 if epilogue_gelu else 0, TANH=approximate == "tanh", STORE_PRE=store_pre,
+                          HAS_DROPOUT=False, STORE_Z=False, STORE_STATS=False, **_common(a, w), **t)
+    return c, (pre if store_pre else None)
+
+
+def linear_layer_norm_fwd(a, w, bias, residual, ln_w, ln_b, eps, dropout_p=0.0, seed=None, save=False):
+    """y = LayerNorm(dropout(a @ w.T + bias) + residual). Returns (y, z, mean, rstd); z/mean/rstd (what the
+    backward needs) are written only when `save`, else (y, None, empty, empty)."""
+    import torch
+    M, K = a.shape
+    N = w.shape[0]
+    t = _ln_tile(N)
+    y = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    z = torch.empty(M, N, device=a.device, dtype=a.dtype) if save else y
+    mean = torch.empty(M if save else 0, device=a.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    has_drop = dropout_p > 0
+    if M:
+        _linear_fwd[(triton.cdiv(M, t["BLOCK_M"]),)](
+            a, a.stride(0), w, w.stride(0), bias, y, y.stride(0), y, 0, residual, residual.stride(0), ln_w, ln_b,
+            z, z.stride(0), mean, rstd, seed if has_drop else mean, M, N, K, float(dropout_p), float(eps),
+            EPILOGUE=2, TANH=False, STORE_PRE=False, HAS_DROPOUT=has_drop, STORE_Z=save, STORE_STATS=save,
+            **_common(a, w), **t)
+    return y, (z if save else None), mean, rstd
+
+
+# ------------------------------------------------------------------------------------------- protocol
+def compile_specs() -> list[CompileSpec]:
+    """Every epilogue for fp16/bf16/fp32 at the tiles the launchers choose (LN widths 256/512/1024 cover BERT's
+    250-odd test width, 384 and 768)."""
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        sig = {"A": f"*{dt}", "stride_am": "i64", "W": f"*{dt}", "stride_wn": "i64", "BIAS": f"*{dt}",
+               "C": f"*{dt}", "stride_cm": "i64", "PRE": f"*{dt}", "stride_pm": "i64", "RES": f"*{dt}",
+               "stride_res": "i64", "LN_W": f"*{dt}", "LN_B": f"*{dt}", "Z": f"*{dt}", "stride_z": "i64",
+               "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32", "K": "i32", "p": "fp32",
+               "eps": "fp32"}
+        for k in ("EPILOGUE", "TANH", "STORE_PRE", "HAS_DROPOUT", "STORE_Z", "STORE_STATS", "UPCAST", "PRECISION",
+                  "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+            sig[k] = "constexpr"
+        base = dict(TANH=False, STORE_PRE=False, HAS_DROPOUT=False, STORE_Z=False, STORE_STATS=False, UPCAST=False,
+                    PRECISION="ieee")
+        tc = dt != "fp32"
+        t = {k: v for k, v in _TILE.items() if k not in ("num_warps", "num_stages")}
+        for epi, extra, label in ((0, {}, "bias"), (1, {}, "bias+gelu infer"), (1, {"STORE_PRE": True}, "bias+gelu train")):
+            specs.append(CompileSpec("_linear_fwd", _linear_fwd, dict(sig), {**base, **extra, "EPILOGUE": epi, **t},
+                                     f"{dt} {label}", num_warps=_TILE["num_warps"], num_stages=_TILE["num_stages"],
+                                     expect_tensor_cores=tc))
+        for n in (256, 512, 1024):
+            lt = _ln_tile(n)
+            t = {k: v for k, v in lt.items() if k not in ("num_warps", "num_stages")}
+            for extra, label in (({}, "infer"), ({"HAS_DROPOUT": True, "STORE_Z": True, "STORE_STATS": True}, "train")):
+                specs.append(CompileSpec("_linear_fwd", _linear_fwd, dict(sig), {**base, **extra, "EPILOGUE": 2, **t},
+                                         f"{dt} N<={n} bias+dropout+res+LN {label}", num_warps=lt["num_warps"],
+                                         num_stages=lt["num_stages"], expect_tensor_cores=tc))
+    return specs
+
+
+def cost(rows: int, width: int, k: int, elem_bytes: int, epilogue: str = "gelu", backward: bool = False,
+         dropout: bool = False) -> list[Cost]:
+    """One fused linear: (rows, k) @ (k, width) with epilogue "bias", "gelu" or "layer_norm".
+
+    Minimum bytes: A, W read once, C written once, plus the epilogue's own operands (bias; residual, LN vectors
+    and, when training, z and the fp32 stats for "layer_norm"; the bias-free product PRE for "gelu" when
+    training). The kernel reads A once per column block and W once per row block; with the L2-grouped order
+    (and a single column block for "layer_norm") HBM traffic stays at this minimum for BERT shapes (the whole W
+    fits L2). Backward: the epilogue's backward kernel plus the two GEMMs of gemm_cost.
+    """
+    m, n = rows, width
+    out = gemm_cost(f"linear_{epilogue}", m, n, k, elem_bytes)
+    extra = n * elem_bytes
+    if epilogue == "gelu":
+        extra += m * n * elem_bytes * backward
+    elif epilogue == "layer_norm":
+        extra += m * n * elem_bytes + 2 * n * elem_bytes + backward * (m * n * elem_bytes + 8 * m)
+    out[0] = Cost(out[0].name, out[0].flops + 10.0 * m * n, out[0].bytes + extra, 1, True)
+    if backward:
+        if epilogue == "gelu":
+            from .gelu import cost as c
+            out += c(m, n, elem_bytes, backward=True)[1:]
+        elif epilogue == "layer_norm":
+            from .layer_norm import cost as c
+            out += c(m, n, elem_bytes, residual=True, input_bias=True, dropout=dropout, backward=True)[1:]
+        out += gemm_cost(f"linear_{epilogue}", m, n, k, elem_bytes, backward=True)[1:]
+    return out
