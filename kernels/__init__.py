@@ -2,4 +2,4 @@
 
 KERNEL_MODULES lists the kernel modules; each follows the protocol in spec.py (compile_specs(), cost()).
 """
-KERNEL_MODULES: tuple[str, ...] = ("layer_norm", "gelu", "embedding", "attention", "kd", "relation")
+KERNEL_MODULES: tuple[str, ...] = ("layer_norm", "gelu", "embedding", "attention", "kd", "relation", "matmul")
