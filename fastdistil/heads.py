@@ -1,6 +1,7 @@
 """Task heads on FastStudent with transformers' keys, outputs and `labels=` losses."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -94,7 +95,9 @@ class FastStudentForTokenClassification(_Head):
 
 class FastStudentForQuestionAnswering(_Head):
     """Every token -> linear(2) -> start/end logits; loss = mean of start and end cross-entropies, positions
-    clamped to the sequence length and ignored there, as transformers does."""
+    clamped to the sequence length and ignored there, as transformers does. Padded positions get the lowest
+    finite logit (they can never be an answer); transformers instead scores its padded hidden states, so its
+    loss on a padded batch includes those positions and differs from ours, while unpadded batches agree."""
     add_pooling_layer = False
     optional_keys = ("pooler.", "qa_outputs.")
 
@@ -110,6 +113,10 @@ class FastStudentForQuestionAnswering(_Head):
                         output_hidden_states=output_hidden_states)
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)  # (B, L, 1) each
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()  # (B, L)
+        if attention_mask is not None:
+            pad = ~attention_mask.to(start.device, torch.bool)
+            start = start.masked_fill(pad, torch.finfo(start.dtype).min)
+            end = end.masked_fill(pad, torch.finfo(end.dtype).min)
         loss = None
         if start_positions is not None and end_positions is not None:
             L = start.shape[1]

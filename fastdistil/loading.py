@@ -165,7 +165,7 @@ def from_pretrained(cls, name_or_path, *, dtype=None, device=None, **config_over
     directory = resolve_dir(name_or_path)
     cfg = read_config(directory)
     for k, v in config_overrides.items():
-        if hasattr(cfg, k) and k != "extra":
+        if k in FastStudentConfig.__dataclass_fields__ and k != "extra":
             setattr(cfg, k, v)
         else:
             cfg.extra[k] = v
