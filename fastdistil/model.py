@@ -149,6 +149,9 @@ class FastStudent(nn.Module):
         for k in ("head_mask", "encoder_hidden_states", "past_key_values", "inputs_embeds"):
             if unused.get(k) is not None:
                 raise ValueError(f"FastStudent does not support {k}")
+        if unused.get("output_attentions"):
+            raise ValueError("FastStudent never materialises attention probabilities (output_attentions); "
+                             "distillation objectives use the q/k/v taps of forward_packed instead")
         ids, tt, pos, p = self.prepare(input_ids, attention_mask, token_type_ids, position_ids)
         x, hidden = self.forward_packed(ids, tt, pos, p, output_hidden_states=output_hidden_states)
         last = pad(x, p)  # (B, L, d)
