@@ -8,6 +8,7 @@ from .config import FastStudentConfig
 from .heads import (FastStudentForQuestionAnswering, FastStudentForSequenceClassification,
                     FastStudentForTokenClassification)
 from .model import FastStudent
+from .patch import is_patched, patch, patch_sentence_transformer, unpatch
 
 __version__ = "0.1.0"
 

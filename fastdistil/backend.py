@@ -76,6 +76,18 @@ def _native_status() -> tuple[bool, str]:
     return True, "C++ extension fastdistil._C built"
 
 
+@torch.compiler.assume_constant_result
+def _triton_ok() -> bool:
+    """`_triton_status()[0]`, a constant to torch.compile (dynamo cannot trace the import probe behind it)."""
+    return _triton_status()[0]
+
+
+@torch.compiler.assume_constant_result
+def _native_ok() -> bool:
+    """`_native_status()[0]`, a constant to torch.compile (dynamo cannot trace the import probe behind it)."""
+    return _native_status()[0]
+
+
 def availability() -> dict[str, tuple[bool, str]]:
     """{backend: (available, reason)} for every concrete backend."""
     return {"torch": (True, "plain PyTorch, always available"), "triton": _triton_status(),
@@ -87,9 +99,9 @@ def resolve(device: torch.device | str) -> str:
     name = get_backend()
     dev = torch.device(device).type
     if name == "auto":
-        if dev == "cuda" and _triton_status()[0]:
+        if dev == "cuda" and _triton_ok():
             return "triton"
-        if dev == "cpu" and _native_status()[0]:
+        if dev == "cpu" and _native_ok():
             return "native"
         return "torch"
     if name == "triton" and dev == "cpu" and not interpreting():
