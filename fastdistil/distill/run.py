@@ -1,0 +1,304 @@
+"""The complete distillation run behind `fastdistil distill`: data, models, recipe, cache, loop, checkpoints,
+exact resume, metrics and DistributedDataParallel.
+
+Exact resume: everything a step depends on is a function of the arguments and the step number (the data order of
+StepOrder, the per-step RNG seed of the Distiller, the learning-rate schedule), or is in the checkpoint (model,
+projections, optimizer, scheduler, step, RNG). A checkpoint is written atomically (checkpoint.py), so a run killed
+at any moment resumes from the last complete one and reaches bit-for-bit the same final loss on the same machine.
+
+Under `torchrun --nproc_per_node=N` each rank takes 1/N of every global batch (--batch-size is the global batch);
+gradients are averaged by DDP (gloo on CPU, nccl on GPU); rank 0 writes metrics, checkpoints and the final model.
+The loss of a step is the mean of the ranks' batch losses, as in every DDP trainer: it equals the single-process
+loss of the same global batch when the ranks' batches weigh the same (e.g. equal token counts for per-token means).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..loading import TOKENIZER_FILES
+from . import checkpoint as ckpt
+from .cache import TeacherCache
+from .corpus import default_corpus
+from .data import Examples, StepOrder, collate, encode, read_examples
+from .distiller import Distiller
+from .models import FastStudentForSequenceClassification, body, check_pair, load_model, student_from_teacher
+from .recipes import RECIPES
+from .recipes import build as build_recipe
+
+log = logging.getLogger("fastdistil")
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+FINAL = "final"
+
+
+@dataclass
+class RunArgs:
+    """The arguments of `fastdistil distill` (see its --help)."""
+    teacher: str
+    recipe: str
+    out: str
+    data: str | None = None
+    student: str | None = None
+    student_layers: list | None = None
+    max_steps: int = 1000
+    batch_size: int = 32
+    max_length: int = 128
+    lr: float = 1e-4
+    seed: int = 0
+    save_every: int = 500
+    log_every: int = 1
+    resume: bool = False
+    warmup_ratio: float = 0.06
+    cache: bool = True
+    progress: bool = True
+    max_texts: int | None = 20000
+
+    def schedule_key(self) -> dict:
+        """The arguments a resumed run must share with the run it continues."""
+        keys = ("teacher", "recipe", "data", "student", "student_layers", "max_steps", "batch_size", "max_length",
+                "lr", "seed", "warmup_ratio", "max_texts")
+        d = {k: getattr(self, k) for k in keys}
+        d["teacher"] = str(Path(d["teacher"]).resolve()) if Path(d["teacher"]).exists() else d["teacher"]
+        return d
+
+
+def _validate(a: RunArgs) -> None:
+    if a.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {a.recipe!r}; choose one of {', '.join(RECIPES)}")
+    for name in ("max_steps", "batch_size", "save_every", "log_every"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2, got {a.max_length}")
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        raise ValueError(f"--lr must be a positive number, got {a.lr}")
+    if a.student and a.student_layers:
+        raise ValueError("give either --student or --student-layers, not both")
+
+
+def _dist_setup():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    dev = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    return rank, world, dev
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def _tokenizer(teacher_dir: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(teacher_dir)
+    except Exception as e:
+        raise OSError(f"teacher {teacher_dir} has no usable tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+                      f"{type(e).__name__}: {e}") from None
+
+
+def _examples(a: RunArgs) -> Examples:
+    if a.data:
+        return read_examples(a.data)
+    return Examples(list(default_corpus(a.max_texts)), source="default corpus (Python standard library docstrings)")
+
+
+def _fingerprint(*parts) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _teacher_id(directory: str) -> list:
+    out = [str(Path(directory).resolve())]
+    for f in sorted(Path(directory).glob("*")):
+        if f.suffix in (".safetensors", ".bin", ".json") and f.is_file():
+            st = f.stat()
+            out.append([f.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the metrics of steps <= last_step (a resumed run rewrites the rest); drop a torn last line."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)
+
+
+def save_final(student, out_dir: Path, teacher_dir: str, tokenizer) -> Path:
+    """The student as an HF directory (config.json + model.safetensors + tokenizer files)."""
+    final = out_dir / FINAL
+    student.save_pretrained(final)
+    copied = False
+    for f in TOKENIZER_FILES:
+        if (Path(teacher_dir) / f).is_file():
+            shutil.copyfile(Path(teacher_dir) / f, final / f)
+            copied = True
+    if not copied:
+        tokenizer.save_pretrained(str(final))
+    return final
+
+
+def run(a: RunArgs) -> dict:
+    """Run (or resume) a distillation; returns the last step's metrics (with "final_dir")."""
+    _validate(a)
+    rank, world, dev = _dist_setup()
+    if a.batch_size % world:
+        raise ValueError(f"--batch-size {a.batch_size} (the global batch) must divide by the {world} processes")
+    out = Path(a.out)
+    ck_path = out / CHECKPOINT
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if ck_path.exists() and not a.resume:
+            raise ValueError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose "
+                             "another --out")
+    torch.manual_seed(a.seed)
+    teacher = load_model(a.teacher, role="teacher", device=dev)
+    teacher_dir = teacher.name_or_path
+    tok = _tokenizer(teacher_dir)
+    tcfg = body(teacher).config
+    max_length = min(a.max_length, tcfg.max_position_embeddings)
+    examples = _examples(a)
+    if examples.labels is not None and isinstance(teacher, FastStudentForSequenceClassification) \
+            and max(examples.labels) >= tcfg.num_labels:
+        raise ValueError(f"the data has {max(examples.labels) + 1} label ids but the teacher classifies "
+                         f"{tcfg.num_labels} classes")
+    enc = encode(examples, tok, max_length)
+    if a.student:
+        student = load_model(a.student, role="student", device=dev)
+        check_pair(teacher, student)
+    else:
+        n = tcfg.num_hidden_layers
+        layers = a.student_layers if a.student_layers else list(range(0, n, 2))
+        student = student_from_teacher(teacher, layers)
+    student.to(dev)
+    recipe = build_recipe(a.recipe, teacher, student, has_labels=examples.labels is not None,
+                          max_steps=a.max_steps)
+    cache = None
+    fields = {}
+    if a.cache:
+        for o in recipe.objectives:
+            for f in o.cache_fields:
+                if f == "logits" and isinstance(teacher, FastStudentForSequenceClassification):
+                    fields[f] = ((tcfg.num_labels,), "float32")
+                elif f in ("mean", "cls"):
+                    fields[f] = ((tcfg.hidden_size,), "float32")
+    if fields:
+        fp = _fingerprint(_teacher_id(teacher_dir), examples.source, len(examples),
+                          hashlib.sha1(enc.ids.numpy().tobytes()).hexdigest(), max_length)
+        if rank == 0:
+            cache = TeacherCache(out / "teacher_cache", len(examples), fields, fp, create=True)
+        _barrier(world)
+        if rank != 0:
+            cache = TeacherCache(out / "teacher_cache", len(examples), fields, fp, create=False)
+    distiller = Distiller(teacher, student, recipe.objectives, plan=recipe.plan, lr=a.lr, max_steps=a.max_steps,
+                          warmup_steps=int(a.warmup_ratio * a.max_steps), cache=cache, seed=a.seed,
+                          mask_token_id=tok.mask_token_id if tok.mask_token_id is not None else 103)
+    order = StepOrder(len(enc), a.seed, a.batch_size, rank, world)
+    start = 0
+    key = a.schedule_key()
+    if a.resume and ck_path.exists():
+        state = ckpt.load(ck_path)
+        if state["args"] != key:
+            diff = {k: (state["args"].get(k), v) for k, v in key.items() if state["args"].get(k) != v}
+            raise ValueError(f"--resume: the checkpoint in {out} was made with other arguments "
+                             f"(checkpoint vs now: {diff}); resume with the same arguments")
+        if state["world"] != world:
+            log.warning("resuming a %d-process run with %d processes: same global batch, same data order",
+                        state["world"], world)
+        distiller.load_state_dict(state["distiller"])
+        ckpt.set_rng_state(state["rng"])
+        start = distiller.global_step
+        if rank == 0:
+            log.info("resumed from %s at step %d", ck_path, start)
+    elif a.resume and rank == 0:
+        log.info("--resume: no checkpoint in %s yet, starting from step 0", out)
+    metrics_path = out / METRICS
+    if rank == 0:
+        _truncate_metrics(metrics_path, start) if start else metrics_path.write_text("")
+        log.info("distilling %s (%d layers, d=%d) into %d layers (d=%d) with %s on %d examples (%s), %d steps of "
+                 "%d sequences, %d process(es) on %s", teacher_dir, tcfg.num_hidden_layers, tcfg.hidden_size,
+                 body(student).config.num_hidden_layers, body(student).config.hidden_size, a.recipe, len(examples),
+                 examples.source, a.max_steps, a.batch_size, world, dev)
+
+    def save(step):
+        if rank == 0:
+            ckpt.atomic_save({"distiller": distiller.state_dict(), "rng": ckpt.rng_state(), "args": key,
+                              "world": world, "step": step}, ck_path)
+            if cache is not None:
+                cache.flush()
+        _barrier(world)
+
+    bar = None
+    if rank == 0 and a.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=a.max_steps, initial=start, desc=f"distill {a.recipe}", unit="step", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=0.5)
+    last = {}
+    t_last, tok_acc = time.perf_counter(), 0
+    with open(metrics_path, "a") if rank == 0 else open(os.devnull, "w") as mf:
+        for step in range(start, a.max_steps):
+            batch = collate(enc, order.indices(step)).to(dev)
+            r = distiller.step(batch)
+            if world > 1:
+                vals = torch.tensor([r["loss"], float(r["tokens"])], dtype=torch.float64)
+                dist.all_reduce(vals)
+                r["loss"], r["tokens"] = float(vals[0]) / world, int(vals[1])
+            tok_acc += r["tokens"]
+            done = step + 1
+            now = time.perf_counter()
+            rate = tok_acc / max(now - t_last, 1e-9)
+            r.update(step=done, epoch=round(order.epoch(done), 4), tokens_per_s=round(rate, 1))
+            last = r
+            if bar is not None:
+                bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=f"{rate:,.0f}", phase=r["phase"], refresh=False)
+                bar.update(1)
+            if rank == 0 and (done % a.log_every == 0 or done == a.max_steps):
+                mf.write(json.dumps(r) + "\n")
+                mf.flush()
+                t_last, tok_acc = now, 0
+            if done % a.save_every == 0 or done == a.max_steps:
+                save(done)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        final = save_final(distiller.student, out, teacher_dir, tok)
+        last["final_dir"] = str(final)
+        if cache is not None:
+            last["cache_hits"], last["cache_misses"] = cache.hits, cache.misses
+        log.info("final student written to %s", final)
+    _barrier(world)
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    return last
