@@ -9,12 +9,13 @@ the logits, no log-softmax, no probabilities. That matters for MLM-head distilla
 
 Layout: rows of `s` and `t` have their own row stride; the class dimension must be contiguous (stride 1).
 Statistics (max, sum, logsumexp, the KL accumulator) are float32 whatever the input dtype (fp16, bf16, fp32).
-One program per row; the row is streamed in chunks of BLOCK_V columns (a power of two, at most 4096).
+One program per row; the row is streamed in chunks of BLOCK_V columns (128, 1024 or 4096).
 Limits: the teacher is a constant target (no gradient to it); rows with row_mask == 0 give KL = 0 and a zero
 gradient without reading the row.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -119,8 +120,17 @@ def _kd_bwd_kernel(
         tl.store(d_row + c, d.to(DS.dtype.element_ty), mask=ok)
 
 
+def _no_mask(device):
+    """A 1-element int8 stand-in for ROW_MASK when HAS_MASK is False (same pointer type as the real mask)."""
+    return torch.empty(1, dtype=torch.int8, device=device)
+
+
+_BLOCKS_V = (128, 1024, 4096)  # the only chunk widths the launchers use (all built by check-kernels)
+
+
 def _block_v(V: int) -> int:
-    return max(16, min(4096, triton.next_power_of_2(max(V, 1))))
+    """Smallest of _BLOCKS_V covering the row, else 4096 (rows longer than that are streamed in chunks)."""
+    return next((b for b in _BLOCKS_V if V <= b), _BLOCKS_V[-1])
 
 
 def _warps(block_v: int) -> int:
@@ -138,7 +148,6 @@ def kd_forward(student, teacher, temperature: float, row_mask=None):
     Returns:
         kl (N,) fp32 in temperature-scaled units (not multiplied by T^2), lse_s (N,) fp32, lse_t (N,) fp32.
     """
-    import torch
     N, V = student.shape
     kl = torch.empty(N, dtype=torch.float32, device=student.device)
     lse_s = torch.empty_like(kl)
@@ -146,7 +155,7 @@ def kd_forward(student, teacher, temperature: float, row_mask=None):
     if N == 0:
         return kl, lse_s, lse_t
     bv = _block_v(V)
-    mask = row_mask if row_mask is not None else kl  # dummy pointer when HAS_MASK is False
+    mask = row_mask if row_mask is not None else _no_mask(student.device)
     _kd_fwd_kernel[(N,)](student, teacher, mask, kl, lse_s, lse_t, student.stride(0), teacher.stride(0), V,
                          1.0 / temperature, HAS_MASK=row_mask is not None, BLOCK_V=bv, num_warps=_warps(bv))
     return kl, lse_s, lse_t
@@ -162,14 +171,13 @@ def kd_backward(grad_kl, student, teacher, lse_s, lse_t, temperature: float, row
     Returns:
         (N, V) contiguous, in the student's dtype.
     """
-    import torch
     N, V = student.shape
     ds = torch.empty((N, V), dtype=student.dtype, device=student.device)
     if N == 0:
         return ds
     g = grad_kl if grad_kl.dtype == torch.float32 else grad_kl.float()
     bv = _block_v(V)
-    mask = row_mask if row_mask is not None else lse_s
+    mask = row_mask if row_mask is not None else _no_mask(student.device)
     _kd_bwd_kernel[(N,)](student, teacher, mask, lse_s, lse_t, g, ds, student.stride(0), teacher.stride(0),
                          g.stride(0), V, 1.0 / temperature, HAS_MASK=row_mask is not None, BLOCK_V=bv,
                          num_warps=_warps(bv))
@@ -184,7 +192,7 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for ty in _TY:
         for has_mask in (False, True):
-            for bv in (128, 1024, 4096):
+            for bv in _BLOCKS_V:
                 label = f"{ty} BLOCK_V={bv}{' mask' if has_mask else ''}"
                 specs.append(CompileSpec(
                     "_kd_fwd_kernel", _kd_fwd_kernel,

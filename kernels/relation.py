@@ -24,6 +24,9 @@ Limits: relation-head dims up to 256 (one register tile per row block).
 """
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -298,14 +301,10 @@ def _config(dt: int, ds: int) -> tuple[int, int, int]:
 
 
 def _prec(dtype) -> str:
-    import torch
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _dot_f32(dtype) -> bool:
-    import os
-
-    import torch
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -314,6 +313,13 @@ def _strides(x):
     if x.dim() == 3:
         return 0, x.stride(0), x.stride(1)
     return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _aux(cu_seqlens, mask, device):
+    """CU (int32) and MASK (int8) pointers; 1-element stand-ins of the same types when a mode does not use one."""
+    cu = cu_seqlens if cu_seqlens is not None else torch.empty(1, dtype=torch.int32, device=device)
+    mk = mask if mask is not None else torch.empty(1, dtype=torch.int8, device=device)
+    return cu, mk
 
 
 def _geometry(a_s, cu_seqlens, max_seqlen):
@@ -336,21 +342,18 @@ def relation_forward(a_s, b_s, a_t, b_t, scale_s: float, scale_t: float, cu_seql
     Returns:
         kl, lse_t, lse_s: (R, N) float32, N = T or B*L; kl is 0 at padded query rows.
     """
-    import torch
     B, L, N, varlen = _geometry(a_s, cu_seqlens, max_seqlen)
     R, Ds, Dt = a_s.shape[-2], a_s.shape[-1], a_t.shape[-1]
     kl = torch.empty((R, N), dtype=torch.float32, device=a_s.device)
     lse_t, lse_s = torch.empty_like(kl), torch.empty_like(kl)
     if N == 0 or B == 0 or L == 0:
         return kl.zero_(), lse_t.zero_(), lse_s.zero_()
-    if not varlen:
-        kl.zero_()
     bm, bn, warps = _config(Dt, Ds)
-    dummy = kl
+    cu, mk = _aux(cu_seqlens if varlen else None, mask, a_s.device)
     grid = (triton.cdiv(L, bm), B, R)
     _relation_fwd_kernel[grid](
         a_t, b_t, a_s, b_s, *_strides(a_t), *_strides(b_t), *_strides(a_s), *_strides(b_s),
-        cu_seqlens if varlen else dummy, mask if mask is not None else dummy, kl, lse_t, lse_s, N, L,
+        cu, mk, kl, lse_t, lse_s, N, L,
         scale_t, scale_s, DT=Dt, DS=Ds, BLOCK_DT=_block_d(Dt), BLOCK_DS=_block_d(Ds), BLOCK_M=bm, BLOCK_N=bn,
         VARLEN=varlen, HAS_MASK=mask is not None, DOT_F32=_dot_f32(a_s.dtype), PREC=_prec(a_s.dtype),
         num_warps=warps)
@@ -369,7 +372,6 @@ def relation_backward(grad_kl, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s: float,
     Returns:
         (d_a_s or None, d_b_s or None), contiguous, in the student's dtype, zero at padded rows.
     """
-    import torch
     B, L, N, varlen = _geometry(a_s, cu_seqlens, max_seqlen)
     R, Ds, Dt = a_s.shape[-2], a_s.shape[-1], a_t.shape[-1]
     g = grad_kl if grad_kl.dtype == torch.float32 else grad_kl.float()
@@ -377,19 +379,23 @@ def relation_backward(grad_kl, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s: float,
     consts = dict(DT=Dt, DS=Ds, BLOCK_DT=_block_d(Dt), BLOCK_DS=_block_d(Ds), BLOCK_M=bm, BLOCK_N=bn,
                   VARLEN=varlen, HAS_MASK=mask is not None, DOT_F32=_dot_f32(a_s.dtype), PREC=_prec(a_s.dtype),
                   num_warps=warps)
-    common = (a_t, b_t, a_s, b_s, *_strides(a_t), *_strides(b_t), *_strides(a_s), *_strides(b_s),
-              cu_seqlens if varlen else lse_t, mask if mask is not None else lse_t, lse_t, lse_s,
+    cu, mk = _aux(cu_seqlens if varlen else None, mask, a_s.device)
+    common = (a_t, b_t, a_s, b_s, *_strides(a_t), *_strides(b_t), *_strides(a_s), *_strides(b_s), cu, mk, lse_t, lse_s,
               g, g.stride(0), g.stride(1))
     empty = N == 0 or B == 0 or L == 0
     da = db = None
     if need_a:
-        da = torch.zeros(a_s.shape, dtype=a_s.dtype, device=a_s.device)
-        if not empty:
+        da = torch.empty(a_s.shape, dtype=a_s.dtype, device=a_s.device)  # every row is written (padded: 0)
+        if empty:
+            da.zero_()
+        else:
             _relation_bwd_da_kernel[(triton.cdiv(L, bm), B, R)](*common, da, *_strides(da), N, L, scale_t, scale_s,
                                                                 **consts)
     if need_b:
-        db = torch.zeros(b_s.shape, dtype=b_s.dtype, device=b_s.device)
-        if not empty:
+        db = torch.empty(b_s.shape, dtype=b_s.dtype, device=b_s.device)
+        if empty:
+            db.zero_()
+        else:
             _relation_bwd_db_kernel[(triton.cdiv(L, bn), B, R)](*common, db, *_strides(db), N, L, scale_t, scale_s,
                                                                 **consts)
     return da, db
@@ -428,14 +434,15 @@ def compile_specs() -> list[CompileSpec]:
     for ty in _TY:
         for dt, ds in _DIMS:
             bm, bn, warps = _config(dt, ds)
-            for varlen in (True, False):
+            for varlen, has_mask in ((True, False), (False, True), (False, False)):
                 for kind, fn in kernels.items():
                     consts = {"DT": dt, "DS": ds, "BLOCK_DT": _block_d(dt), "BLOCK_DS": _block_d(ds),
-                              "BLOCK_M": bm, "BLOCK_N": bn, "VARLEN": varlen, "HAS_MASK": not varlen,
+                              "BLOCK_M": bm, "BLOCK_N": bn, "VARLEN": varlen, "HAS_MASK": has_mask,
                               "DOT_F32": False, "PREC": "ieee" if ty == "fp32" else "tf32"}
                     specs.append(CompileSpec(
                         fn.__name__, fn, _signature(ty, kind), consts,
-                        f"{ty} Dt={dt} Ds={ds} {'varlen' if varlen else 'padded+mask'} {kind}",
+                        f"{ty} Dt={dt} Ds={ds} {'varlen' if varlen else 'padded+mask' if has_mask else 'padded'} "
+                        f"{kind}",
                         num_warps=warps, num_stages=2, expect_tensor_cores=ty != "fp32"))
     return specs
 
