@@ -236,7 +236,6 @@ class Distiller:
             return Side(**{f: self.cache.get(f, batch.index, dev) for f in fields})
         with torch.inference_mode():
             t = forward_side(self.teacher, batch, needs)
-        t = t.detached()
         if self.cache is not None and cache_ok and bool((batch.index >= 0).all()):
             self.cache.misses += 1
             for f in fields:
@@ -279,11 +278,12 @@ class Distiller:
         params = [p for p in self.core.parameters() if p.grad is not None]
         gn = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else math.inf) if params \
             else torch.zeros(())
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         res = {k: float(v.detach()) for k, v in out.items()}
-        res.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=float(gn), tokens=batch.num_tokens,
+        res.update(lr=lr, grad_norm=float(gn), tokens=batch.num_tokens,
                    phase=self.phase.name)
         self.global_step += 1
         return res

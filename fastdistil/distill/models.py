@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import FastStudentConfig
+from ..losses import mean_pool
 from ..heads import FastStudentForSequenceClassification
 from ..loading import load_state, read_config, read_weights, resolve_dir
 from ..model import FastStudent
@@ -172,29 +173,14 @@ def check_pair(teacher: nn.Module, student: nn.Module) -> None:
 
 @dataclass
 class Side:
-    """One model's outputs on a packed batch (student: with graph; teacher: inference tensors)."""
+    """One model's outputs on a packed batch (student: with graph; teacher: inference tensors, which
+    fastdistil.losses accepts as targets without a copy)."""
     hidden: dict = field(default_factory=dict)   # hidden-state number (0 = embeddings) -> (T, d)
     qkv: dict = field(default_factory=dict)      # attention layer number (1-based) -> {"q","k","v"} (T, H, D)
     last: torch.Tensor | None = None             # (T, d)
     cls: torch.Tensor | None = None              # (B, d) [CLS] rows of the last layer
     mean: torch.Tensor | None = None             # (B, d) mean over each sequence's tokens
     logits: torch.Tensor | None = None           # (B, C) classifier, or (M, V) MLM logits at batch.extra["mlm_pos"]
-
-    def detached(self) -> "Side":
-        """Plain (non-inference) copies of every tensor, so they can be saved for the student's backward."""
-        c = (lambda t: None if t is None else t.clone())
-        return Side({k: c(v) for k, v in self.hidden.items()},
-                    {k: {n: c(t) for n, t in d.items()} for k, d in self.qkv.items()},
-                    c(self.last), c(self.cls), c(self.mean), c(self.logits))
-
-
-def mean_pool(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(T, d) packed tokens -> (B, d) per-sequence means (zeros for an empty sequence)."""
-    B = cu_seqlens.shape[0] - 1
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-    seq = torch.repeat_interleave(torch.arange(B, device=x.device), lens, output_size=x.shape[0])
-    s = x.new_zeros(B, x.shape[1]).index_add_(0, seq, x)
-    return s / lens.clamp(min=1).to(x.dtype)[:, None]
 
 
 @dataclass
@@ -237,7 +223,7 @@ def forward_side(model: nn.Module, batch, needs: Needs) -> Side:
         cls_rows = x.index_select(0, p.cu_seqlens[:-1].to(torch.int64))  # (B, d)
         side.cls = cls_rows
     if needs.mean:
-        side.mean = mean_pool(x, p.cu_seqlens)
+        side.mean = mean_pool(x, cu_seqlens=p.cu_seqlens)
     if needs.logits:
         if isinstance(model, FastStudentForSequenceClassification):
             side.logits = model.classifier(model.dropout(enc.pooler(cls_rows)))  # (B, C)

@@ -13,11 +13,10 @@ numbers follow fastdistil.distill.models: hidden state 0 = embeddings, i = outpu
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import lossfns as L
+from .. import losses as L
 from .models import Needs, normalise_layer
 
 
@@ -58,7 +57,7 @@ class LogitKD(Objective):
         return Needs(logits=True), Needs(logits=True)
 
     def forward(self, s, t, batch):
-        return L.logit_kd(s.logits, t.logits, self.temperature)
+        return L.kd_kl_loss(s.logits, t.logits, temperature=self.temperature)
 
 
 class LogitMSE(Objective):
@@ -70,7 +69,7 @@ class LogitMSE(Objective):
         return Needs(logits=True), Needs(logits=True)
 
     def forward(self, s, t, batch):
-        return L.logit_mse(s.logits, t.logits)
+        return L.logit_mse_loss(s.logits, t.logits)
 
 
 class LabelCE(Objective):
@@ -104,7 +103,7 @@ class HiddenMSE(Objective):
         if not self.mapping:
             raise ValueError("hidden_mse needs at least one (student, teacher) layer pair")
         self.cls_only = cls_only
-        self.proj = nn.ModuleList(nn.Linear(d_student, d_teacher) for _ in self.mapping)
+        self.proj = L.HiddenProjection(d_student, d_teacher, num_maps=len(self.mapping))
 
     def _norm(self, ns, nt):
         return [(normalise_layer(a, ns, hidden=True), normalise_layer(b, nt, hidden=True)) for a, b in self.mapping]
@@ -115,13 +114,11 @@ class HiddenMSE(Objective):
 
     def forward(self, s, t, batch):
         ns, nt = self._n
-        rows = batch.packing.cu_seqlens[:-1].to(torch.int64) if self.cls_only else None
+        cu = batch.packing.cu_seqlens
         total = 0.0
-        for (a, b), proj in zip(self._norm(ns, nt), self.proj):
-            hs, ht = s.hidden[a], t.hidden[b]
-            if rows is not None:
-                hs, ht = hs.index_select(0, rows), ht.index_select(0, rows)
-            total = total + L.hidden_mse(hs, ht, proj)
+        for j, (a, b) in enumerate(self._norm(ns, nt)):
+            total = total + L.hidden_mse_loss(s.hidden[a], t.hidden[b], projection=self.proj, index=j,
+                                              tokens="cls" if self.cls_only else "all", cu_seqlens=cu)
         return total / len(self.mapping)
 
 
@@ -134,7 +131,7 @@ class HiddenCosine(Objective):
                  teacher_layer: int = -1):
         super().__init__(weight)
         self.layers = (student_layer, teacher_layer)
-        self.proj = nn.Linear(d_student, d_teacher) if d_student != d_teacher else None
+        self.proj = L.HiddenProjection(d_student, d_teacher) if d_student != d_teacher else None
 
     def needs(self, ns, nt):
         a, b = normalise_layer(self.layers[0], ns, hidden=True), normalise_layer(self.layers[1], nt, hidden=True)
@@ -146,7 +143,7 @@ class HiddenCosine(Objective):
         ht = t.hidden[normalise_layer(self.layers[1], nt, hidden=True)]
         if self.proj is not None:
             hs = self.proj(hs)
-        return L.cosine(hs, ht)
+        return L.embedding_cosine_loss(hs, ht)
 
 
 class AttentionKL(Objective):
@@ -173,7 +170,8 @@ class AttentionKL(Objective):
             raise ValueError(f"attention_kl (MiniLM v1) needs equal head counts, got student {sq['q'].shape[1]} vs "
                              f"teacher {tq['q'].shape[1]}; use the minilmv2 recipe")
         p = batch.packing
-        return L.attention_kl(sq["q"], sq["k"], tq["q"], tq["k"], p.cu_seqlens, p.max_seqlen)
+        return L.attention_kl_loss(sq["q"], sq["k"], tq["q"], tq["k"], cu_seqlens=p.cu_seqlens,
+                                   max_seqlen=p.max_seqlen)
 
 
 class RelationKL(Objective):
@@ -206,11 +204,19 @@ class RelationKL(Objective):
     def forward(self, s, t, batch):
         a, b = self._norm(*self._n)
         p = batch.packing
+        heads = self.relation_heads
+        if heads is None:
+            hs, ht = s.qkv[a]["q"].shape[1], t.qkv[b]["q"].shape[1]
+            if hs != ht:
+                raise ValueError(f"{self.name}: relation_heads=None compares head by head and needs equal head "
+                                 f"counts (student {hs}, teacher {ht}); set relation_heads")
+            heads = hs
         total = 0.0
         for r in self.relations:
             x, y = r[0], r[1]
-            total = total + L.relation_kl(s.qkv[a][x], s.qkv[a][y], t.qkv[b][x], t.qkv[b][y], p.cu_seqlens,
-                                          p.max_seqlen, self.relation_heads)
+            total = total + L.relation_kl_loss(s.qkv[a][x], s.qkv[a][y], t.qkv[b][x], t.qkv[b][y],
+                                               num_relation_heads=heads, cu_seqlens=p.cu_seqlens,
+                                               max_seqlen=p.max_seqlen)
         return total
 
 
@@ -232,7 +238,7 @@ class PooledEmbedding(Objective):
         self.name = f"pooled_{kind}"
         self.cache_fields = ("mean",) if pooling == "mean" else ("cls",)
         project = d_student != d_teacher if project is None else project
-        self.proj = nn.Linear(d_student, d_teacher) if project else None
+        self.proj = L.HiddenProjection(d_student, d_teacher) if project else None
 
     def needs(self, ns, nt):
         n = Needs(mean=self.pooling == "mean", cls=self.pooling == "cls")
@@ -242,14 +248,10 @@ class PooledEmbedding(Objective):
         es, et = (s.mean, t.mean) if self.pooling == "mean" else (s.cls, t.cls)
         if self.proj is not None:
             es = self.proj(es)
-        return L.pooled_mse(es, et) if self.kind == "mse" else L.pooled_cosine(es, et)
+        return L.embedding_mse_loss(es, et) if self.kind == "mse" else L.embedding_cosine_loss(es, et)
 
 
 def top_down_mapping(n_student: int, n_teacher: int, embeddings: bool = True) -> list[tuple[int, int]]:
-    """XtremeDistil's layer mapping: student hidden state i <- teacher hidden state n_t - (n_s - i) * k with
-    k = n_t // n_s counted from the top, so the last layers align and every student layer gets a teacher layer;
-    embeddings (0) map to embeddings."""
-    k = max(n_teacher // n_student, 1)
-    out = [(0, 0)] if embeddings else []
-    out += [(i, n_teacher - (n_student - i) * k) for i in range(1, n_student + 1)]
-    return out
+    """XtremeDistil's top-down layer map (fastdistil.losses.top_down_layer_map): student hidden state i <- teacher
+    hidden state n_t - (n_s - i) * (n_t // n_s), embeddings to embeddings."""
+    return L.top_down_layer_map(n_student, n_teacher, include_embeddings=embeddings)
