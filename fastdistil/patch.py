@@ -296,10 +296,10 @@ def _layer_problem(layer: nn.Module) -> str | None:
     """Why this BERT-shaped layer cannot take the fused path (None when it can)."""
     bert = _HF["bert"]
     att, sa = layer.attention, layer.attention.self
-    if getattr(layer, "is_decoder", False) or getattr(sa, "is_causal", False) or getattr(sa, "is_decoder", False):
-        return "decoder (causal) self-attention is not supported"
     if hasattr(layer, "crossattention") or getattr(layer, "add_cross_attention", False):
         return "cross-attention is not supported"
+    if getattr(layer, "is_decoder", False) or getattr(sa, "is_causal", False) or getattr(sa, "is_decoder", False):
+        return "decoder (causal) self-attention is not supported"
     if getattr(sa, "position_embedding_type", "absolute") != "absolute" or hasattr(sa, "distance_embedding"):
         return "relative position embeddings are not supported"
     checks = ((layer, bert.BertLayer, ("forward", "feed_forward_chunk")), (att, bert.BertAttention, ("forward",)),

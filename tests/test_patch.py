@@ -1,0 +1,418 @@
+"""fastdistil.patch / unpatch on transformers and sentence-transformers models: parity (fp32, 1e-5), training under
+transformers.Trainer, torch.compile(fullgraph=True), gradient checkpointing, and the unsupported / bad inputs."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import transformers
+
+import fastdistil
+from fastdistil import ops
+from fastdistil.patch import is_patched, patch, patch_sentence_transformer, unpatch
+
+ATOL = 1e-5
+HF_MODULE = "transformers.models"
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+    base.update(kw)
+    return transformers.BertConfig(**base)
+
+
+def build(cls=transformers.BertModel, seed=1, **kw):
+    torch.manual_seed(seed)
+    m = cls(tiny_config(**kw)).eval()
+    with torch.no_grad():  # biases and LayerNorm affine away from their 0/1 init, so every one matters
+        for n, p in m.named_parameters():
+            if n.endswith("bias") or "LayerNorm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def batch(B=4, L=11, vocab=97, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, L), generator=g)
+    lens = torch.tensor([L, 7, 1, 5][:B])
+    mask = (torch.arange(L)[None] < lens[:, None]).long()  # right padding, one full row, one single token
+    tt = torch.randint(0, 2, (B, L), generator=g)
+    return ids, mask, tt
+
+
+def maxdiff(a, b, mask=None):
+    if mask is not None:
+        a, b = a[mask.bool()], b[mask.bool()]
+    return (a - b).abs().max().item()
+
+
+def classes(model):
+    return [type(m) for m in model.modules()]
+
+
+def patched_quietly(model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a supported model patches without a single warning
+        return patch(model, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_bert_model_parity_and_sharing(padding_free):
+    m = build()
+    ids, mask, tt = batch()
+    params = {n: p for n, p in m.named_parameters()}
+    keys = list(m.state_dict())
+    with torch.no_grad():
+        ref = m(ids, attention_mask=mask, token_type_ids=tt)
+        ref_nomask = m(ids)
+        ref_hs = m(ids, attention_mask=mask, output_hidden_states=True)
+    assert patched_quietly(m, padding_free=padding_free) is m and is_patched(m)
+    assert type(m.encoder.layer[0]).__name__ == "BertLayer" and type(m.encoder.layer[0]).__module__ == "fastdistil.patch"
+    assert isinstance(m.encoder.layer[0], transformers.models.bert.modeling_bert.BertLayer)
+    assert list(m.state_dict()) == keys  # same keys, same Parameter objects: nothing copied
+    assert all(p is params[n] for n, p in m.named_parameters())
+    with torch.no_grad():
+        out = m(ids, attention_mask=mask, token_type_ids=tt)
+        out_nomask = m(ids)
+        hs = m(ids, attention_mask=mask, output_hidden_states=True)
+    assert maxdiff(out.last_hidden_state, ref.last_hidden_state, mask) <= ATOL
+    assert maxdiff(out.pooler_output, ref.pooler_output) <= ATOL
+    assert maxdiff(out_nomask.last_hidden_state, ref_nomask.last_hidden_state) <= ATOL
+    assert len(hs.hidden_states) == len(ref_hs.hidden_states) == 3
+    for a, b in zip(hs.hidden_states, ref_hs.hidden_states):
+        assert a.shape == b.shape and maxdiff(a, b, mask) <= ATOL
+    if padding_free:  # padding positions are zeros on the padding-free route
+        assert out.last_hidden_state[~mask.bool()].abs().max() == 0
+
+
+def test_route_goes_through_the_ops(monkeypatch):
+    """Padding-free by default (varlen attention, once per layer); padded with the key mask under
+    padding_free=False; embeddings through embed_layer_norm; dense blocks through linear_layer_norm / linear_gelu."""
+    calls = {}
+
+    def spy(name):
+        real = getattr(ops, name)
+
+        def f(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*a, **k)
+        monkeypatch.setattr(ops, name, f)
+    for name in ("attention", "varlen_attention", "embed_layer_norm", "linear_layer_norm", "linear_gelu"):
+        spy(name)
+    m = patched_quietly(build())
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        m(ids, attention_mask=mask, output_hidden_states=True)  # capture hooks want (B, L, d): padded route
+        assert calls == {"attention": 2, "embed_layer_norm": 1, "linear_layer_norm": 4, "linear_gelu": 2}
+        calls.clear()
+        m(ids, attention_mask=mask)  # the (now idle) capture hooks do not keep it padded
+    assert calls == {"varlen_attention": 2, "embed_layer_norm": 1, "linear_layer_norm": 4, "linear_gelu": 2}
+    calls.clear()
+    m2 = patched_quietly(build(), padding_free=False)
+    with torch.no_grad():
+        m2(ids, attention_mask=mask)
+    assert calls.get("attention") == 2 and "varlen_attention" not in calls
+
+
+def test_inputs_embeds_position_ids_and_empty_row():
+    m = build()
+    ids, mask, tt = batch()
+    emb = torch.randn(*ids.shape, 32)
+    pos = torch.randint(0, 32, ids.shape)
+    mask_empty = mask.clone()
+    mask_empty[2] = 0  # a row with no real token must not break the packed route
+    with torch.no_grad():
+        ref_e = m(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        ref_p = m(ids, attention_mask=mask, position_ids=pos, token_type_ids=tt).last_hidden_state
+        ref_0 = m(ids, attention_mask=mask_empty).last_hidden_state
+    patched_quietly(m)
+    with torch.no_grad():
+        assert maxdiff(m(inputs_embeds=emb, attention_mask=mask).last_hidden_state, ref_e, mask) <= ATOL
+        assert maxdiff(m(ids, attention_mask=mask, position_ids=pos, token_type_ids=tt).last_hidden_state,
+                       ref_p, mask) <= ATOL
+        out_0 = m(ids, attention_mask=mask_empty).last_hidden_state
+    assert maxdiff(out_0, ref_0, mask_empty) <= ATOL and torch.isfinite(out_0).all()
+
+
+def test_sequence_classification_loss_and_gradients():
+    ref_m = build(transformers.BertForSequenceClassification).train()  # dropout 0: train mode is deterministic
+    m = copy.deepcopy(ref_m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)  # built before the patch: must keep working
+    patched_quietly(m)
+    ids, mask, tt = batch()
+    labels = torch.tensor([0, 2, 1, 1])
+    ref = ref_m(ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    out = m(ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    assert abs(out.loss.item() - ref.loss.item()) <= ATOL and maxdiff(out.logits, ref.logits) <= ATOL
+    ref.loss.backward()
+    out.loss.backward()
+    ref_grads = dict(ref_m.named_parameters())
+    for n, p in m.named_parameters():
+        g_ref = ref_grads[n].grad
+        assert (p.grad is None) == (g_ref is None), n
+        if p.grad is not None:
+            assert maxdiff(p.grad, g_ref) <= ATOL * max(1.0, g_ref.abs().max().item()), n
+    before = m.classifier.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, m.classifier.weight)
+
+
+def test_token_classification_and_roberta_layers():
+    m = build(transformers.BertForTokenClassification)
+    ids, mask, _ = batch()
+    labels = torch.randint(0, 3, ids.shape).masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        ref = m(ids, attention_mask=mask, labels=labels)
+    patched_quietly(m)
+    with torch.no_grad():
+        out = m(ids, attention_mask=mask, labels=labels)
+    assert abs(out.loss.item() - ref.loss.item()) <= ATOL and maxdiff(out.logits, ref.logits, mask) <= ATOL
+
+    # Same architecture under other class names: RoBERTa's layers/encoder are BERT's code and get fused; its
+    # embeddings (padding-offset positions) are not BERT's and stay unpatched, with a warning naming them.
+    torch.manual_seed(0)
+    rcfg = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                      attention_probs_dropout_prob=0.0)
+    r = transformers.RobertaModel(rcfg).eval()
+    with torch.no_grad():
+        ref_r = r(ids + 2, attention_mask=mask).last_hidden_state
+    with pytest.warns(UserWarning, match=r"left embeddings \(RobertaEmbeddings\) unpatched"):
+        patch(r)
+    assert type(r.encoder.layer[0]).__module__ == "fastdistil.patch"
+    assert type(r.embeddings) is transformers.RobertaModel(rcfg).embeddings.__class__
+    with torch.no_grad():
+        assert maxdiff(r(ids + 2, attention_mask=mask).last_hidden_state, ref_r, mask) <= ATOL
+
+
+def test_runtime_fallbacks_output_attentions_and_4d_mask():
+    """Calls the fused path cannot serve exactly run transformers' own forwards: never silently wrong."""
+    m = build(attn_implementation="eager")
+    ids, mask, _ = batch()
+    mask4 = torch.zeros(4, 1, 11, 11).masked_fill(mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        ref = m(ids, attention_mask=mask, output_attentions=True)
+        ref4 = m(ids, attention_mask=mask4).last_hidden_state
+    patched_quietly(m)
+    with torch.no_grad():
+        out = m(ids, attention_mask=mask, output_attentions=True)
+        out4 = m(ids, attention_mask=mask4).last_hidden_state
+    assert len(out.attentions) == 2
+    for a, b in zip(out.attentions, ref.attentions):
+        assert maxdiff(a, b) <= ATOL
+    assert maxdiff(out.last_hidden_state, ref.last_hidden_state, mask) <= ATOL
+    assert maxdiff(out4, ref4, mask) <= ATOL
+
+
+def test_adapters_freezing_and_save_pretrained(tmp_path):
+    """A LoRA-style wrapper around a projection is called as a module (its delta counts); frozen parameters stay
+    without gradients; save_pretrained writes transformers' keys that an unpatched model loads."""
+    class Lora(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.a, self.b = base, nn.Linear(32, 2, bias=False), nn.Linear(2, 32, bias=False)
+            nn.init.normal_(self.b.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.b(self.a(x))
+
+    m = build(transformers.BertForSequenceClassification).train()
+    for layer in m.bert.encoder.layer:
+        layer.attention.self.value = Lora(layer.attention.self.value)
+    for p in m.bert.embeddings.parameters():
+        p.requires_grad_(False)
+    ref_m = copy.deepcopy(m)
+    patched_quietly(m)
+    ids, mask, _ = batch()
+    labels = torch.tensor([0, 1, 2, 0])
+    ref, out = ref_m(ids, attention_mask=mask, labels=labels), m(ids, attention_mask=mask, labels=labels)
+    assert abs(out.loss.item() - ref.loss.item()) <= ATOL
+    out.loss.backward()
+    assert all(p.grad is None for p in m.bert.embeddings.parameters())
+    assert m.bert.encoder.layer[0].attention.self.value.b.weight.grad is not None
+
+    plain = build(transformers.BertForSequenceClassification)
+    patched_quietly(plain)
+    plain.save_pretrained(tmp_path)
+    loaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert not any(t.__module__ == "fastdistil.patch" for t in classes(loaded))
+    with torch.no_grad():
+        assert maxdiff(loaded(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits) <= ATOL
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_gradient_checkpointing(padding_free):
+    ref_m = build(transformers.BertForSequenceClassification).train()
+    m = copy.deepcopy(ref_m)
+    for x in (ref_m, m):  # transformers 5 renamed it; the old name warns
+        (getattr(x, "activation_checkpointing_enable", None) or x.gradient_checkpointing_enable)()
+    patch(m, padding_free=padding_free)
+    calls = []
+    for layer in m.bert.encoder.layer:  # count the checkpointed calls: the fused layers must go through them
+        assert layer.gradient_checkpointing
+        f = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _f=f, **k: calls.append(1) or _f(*a, **k)
+    ids, mask, _ = batch()
+    labels = torch.tensor([0, 1, 2, 0])
+    ref, out = ref_m(ids, attention_mask=mask, labels=labels), m(ids, attention_mask=mask, labels=labels)
+    ref.loss.backward()
+    out.loss.backward()
+    assert abs(out.loss.item() - ref.loss.item()) <= ATOL
+    assert len(calls) == 2  # one checkpointed call per layer
+    g, g_ref = m.bert.encoder.layer[0].attention.self.query.weight.grad, \
+        ref_m.bert.encoder.layer[0].attention.self.query.weight.grad
+    assert maxdiff(g, g_ref) <= ATOL * max(1.0, g_ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------------- Trainer
+def test_trainer_losses_identical(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install accelerate)")
+
+    class Recording(transformers.Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            self.losses.append((loss[0] if isinstance(loss, tuple) else loss).item())
+            return loss
+
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for i in range(16):
+        n = int(torch.randint(2, 12, (1,), generator=g))
+        ids = torch.randint(1, 97, (12,), generator=g)
+        data.append({"input_ids": ids, "attention_mask": (torch.arange(12) < n).long(), "labels": torch.tensor(i % 3)})
+
+    def train(model, sub):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / sub), per_device_train_batch_size=4,
+                                              max_steps=4, learning_rate=3e-3, logging_steps=1, report_to=[],
+                                              use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
+                                              dataloader_num_workers=0)
+        t = Recording(model=model, args=args, train_dataset=data)
+        t.losses = []
+        t.train()
+        return t.losses
+
+    base = build(transformers.BertForSequenceClassification)
+    ours = copy.deepcopy(base)
+    patched_quietly(ours)
+    ref_losses, losses = train(base, "ref"), train(ours, "patched")
+    assert len(losses) == 4 and len(set(losses)) > 1  # it trained
+    assert losses == pytest.approx(ref_losses, abs=ATOL)
+    ref_params = dict(base.named_parameters())
+    for n, p in ours.named_parameters():
+        assert maxdiff(p, ref_params[n]) <= 1e-4, n
+
+
+# ---------------------------------------------------------------------------------------------------- compile
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    """fullgraph=True: no graph break anywhere (mask creation, fused layers, ops, backend dispatch); the padded
+    route runs under compile. aot_eager traces forward and backward without inductor's C++ build time."""
+    torch._dynamo.reset()
+    ref_m = build(transformers.BertForSequenceClassification).train()
+    m = copy.deepcopy(ref_m)
+    patched_quietly(m)
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    ids, mask, _ = batch()
+    labels = torch.tensor([0, 1, 2, 0])
+    out, ref = cm(ids, attention_mask=mask, labels=labels), ref_m(ids, attention_mask=mask, labels=labels)
+    assert abs(out.loss.item() - ref.loss.item()) <= ATOL and maxdiff(out.logits, ref.logits) <= ATOL
+    out.loss.backward()
+    ref.loss.backward()
+    g, g_ref = m.bert.encoder.layer[1].intermediate.dense.weight.grad, \
+        ref_m.bert.encoder.layer[1].intermediate.dense.weight.grad
+    assert maxdiff(g, g_ref) <= ATOL * max(1.0, g_ref.abs().max().item())
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------- sentence-transformers
+def test_sentence_transformer_encode_unchanged(minilm_dir):
+    st_mod = pytest.importorskip("sentence_transformers", reason="sentence-transformers is an optional peer")
+    st = st_mod.SentenceTransformer(str(minilm_dir), device="cpu")
+    texts = ["A man is eating food.", "The quick brown fox jumps over the lazy dog near the river bank today.",
+             "Hi", "fastdistil patches BERT in place"]
+    ref = st.encode(texts, convert_to_tensor=True, batch_size=4)
+    assert patch_sentence_transformer(st) is st and is_patched(st[0].auto_model)
+    out = st.encode(texts, convert_to_tensor=True, batch_size=4)
+    assert maxdiff(out, ref) <= ATOL
+    unpatch(st)
+    assert not is_patched(st)
+    with pytest.raises(ValueError, match="first module wraps a transformers model"):
+        patch_sentence_transformer(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_double_patch_and_unpatch_restore():
+    m = build(transformers.BertForSequenceClassification)
+    original = classes(m)
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        ref = m(ids, attention_mask=mask).logits
+    patched_quietly(m)
+    patched_types = classes(m)
+    with pytest.warns(UserWarning, match="already patched"):
+        assert patch(m) is m
+    assert classes(m) == patched_types  # no-op
+    assert unpatch(m) is m
+    assert classes(m) == original and all(t.__module__.split(".")[0] in ("transformers", "torch")
+                                          for t in classes(m))
+    assert "_create_attention_masks" not in m.bert.__dict__ and not is_patched(m)
+    assert not any(k.startswith("_fastdistil") for x in m.modules() for k in vars(x))
+    with torch.no_grad():
+        assert torch.equal(m(ids, attention_mask=mask).logits, ref)  # bit-identical: the original code runs
+    with pytest.warns(UserWarning, match="not patched"):
+        unpatch(m)
+    patched_quietly(m)  # and it patches again
+    assert is_patched(m)
+
+
+@pytest.mark.parametrize("variant, match", [
+    (dict(hidden_act="relu"), "activation ReLU is not supported"),
+    (dict(is_decoder=True), "decoder"),
+    (dict(is_decoder=True, add_cross_attention=True), "cross-attention"),
+])
+def test_unsupported_variants_warn_and_stay_unpatched(variant, match):
+    m = build(**variant)
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        ref = m(ids, attention_mask=mask).last_hidden_state
+    with pytest.warns(UserWarning, match=rf"left encoder\.layer\.0 \(BertLayer\) unpatched: .*{match}"):
+        patch(m)
+    assert all(type(x).__module__.startswith(HF_MODULE) for x in m.encoder.layer)
+    assert type(m.encoder).__module__.startswith(HF_MODULE)  # no padding-free encoder over unfused layers
+    with torch.no_grad():
+        assert maxdiff(m(ids, attention_mask=mask).last_hidden_state, ref, mask) <= ATOL
+
+
+def test_relative_positions_and_foreign_code_warn():
+    m = build()
+    m.encoder.layer[1].attention.self.position_embedding_type = "relative_key"  # a 4.x-style relative model
+
+    class Custom(type(m.encoder.layer[0].intermediate)):
+        def forward(self, hidden_states):  # not BERT's code: must not be fused
+            return super().forward(hidden_states) * 2
+    m.encoder.layer[0].intermediate.__class__ = Custom
+    with pytest.warns(UserWarning) as rec:
+        patch(m)
+    text = "\n".join(str(w.message) for w in rec)
+    assert "encoder.layer.1 (BertLayer) unpatched: relative position embeddings" in text
+    assert "encoder.layer.0 (BertLayer) unpatched: Custom.forward differs" in text
+    assert type(m.embeddings).__module__ == "fastdistil.patch"  # the supported part is still patched
+
+
+def test_unsupported_device_dtype_and_non_bert():
+    m = build()
+    m.embeddings.LayerNorm.weight = nn.Parameter(torch.ones(32, dtype=torch.int32), requires_grad=False)
+    with pytest.raises(ValueError, match=r"cpu or cuda with float32, float16, bfloat16 or float64.*torch.int32"):
+        patch(m)
+    assert not is_patched(m)  # a failed patch changes nothing
+    with torch.device("meta"):
+        meta = transformers.BertModel(tiny_config())
+    with pytest.raises(ValueError, match="is torch.float32 on meta"):
+        patch(meta)
+    with pytest.warns(UserWarning, match="found no supported BERT"):
+        patch(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(TypeError):
+        patch("bert-base-uncased")
