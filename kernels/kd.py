@@ -59,10 +59,12 @@ def _kd_fwd_kernel(
         ok = c < n
         s = tl.load(s_row + c, mask=ok, other=0.0).to(tl.float32) * inv_temp
         t = tl.load(t_row + c, mask=ok, other=0.0).to(tl.float32) * inv_temp
-        m_t_new = tl.maximum(m_t, tl.max(tl.where(ok, t, _NEG), axis=0))
-        m_s_new = tl.maximum(m_s, tl.max(tl.where(ok, s, _NEG), axis=0))
-        e_t = tl.where(ok, tl.exp(t - m_t_new), 0.0)
-        e_s = tl.where(ok, tl.exp(s - m_s_new), 0.0)
+        t_ok = tl.where(ok, t, _NEG)
+        s_ok = tl.where(ok, s, _NEG)
+        m_t_new = tl.maximum(m_t, tl.max(t_ok, axis=0))
+        m_s_new = tl.maximum(m_s, tl.max(s_ok, axis=0))
+        e_t = tl.where(ok, tl.exp(t_ok - m_t_new), 0.0)
+        e_s = tl.where(ok, tl.exp(s_ok - m_s_new), 0.0)
         a_t = tl.exp(m_t - m_t_new)
         l_t = l_t * a_t + tl.sum(e_t, axis=0)
         acc = acc * a_t + tl.sum(e_t * (t - s), axis=0)
@@ -76,8 +78,9 @@ def _kd_fwd_kernel(
     lse_s = m_s + tl.log(l_s_safe)
     kl = acc / l_t_safe - lse_t + lse_s
     tl.store(KL + row, tl.where(real, kl, 0.0))
-    tl.store(LSE_S + row, tl.where(real, lse_s, 0.0))
-    tl.store(LSE_T + row, tl.where(real, lse_t, 0.0))
+    # Masked rows store lse = +1e30: the backward's exp(x - lse) is then 0 there, never an overflow.
+    tl.store(LSE_S + row, tl.where(real, lse_s, -_NEG))
+    tl.store(LSE_T + row, tl.where(real, lse_t, -_NEG))
 
 
 # Backward. With u = s / T, dKL_i/du_ij = p_s,ij - p_t,ij (softmax minus target), so
@@ -102,8 +105,11 @@ def _kd_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(G + row * stride_g).to(tl.float32) * inv_temp
-    if HAS_MASK:
-        g = tl.where(tl.load(ROW_MASK + row) != 0, g, 0.0)
+    n_read = V
+    if HAS_MASK:  # a masked row is not read (its logits may be anything): its gradient is written as 0
+        keep = tl.load(ROW_MASK + row) != 0
+        g = tl.where(keep, g, 0.0)
+        n_read = tl.where(keep, V, 0)
     lse_s = tl.load(LSE_S + row)
     lse_t = tl.load(LSE_T + row)
     s_row = S + row * stride_s
@@ -113,10 +119,9 @@ def _kd_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         c = start + cols
         ok = c < V
-        s = tl.load(s_row + c, mask=ok, other=0.0).to(tl.float32) * inv_temp
-        t = tl.load(t_row + c, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        s = tl.load(s_row + c, mask=c < n_read, other=0.0).to(tl.float32) * inv_temp
+        t = tl.load(t_row + c, mask=c < n_read, other=0.0).to(tl.float32) * inv_temp
         d = g * (tl.exp(s - lse_s) - tl.exp(t - lse_t))
-        d = tl.where(g != 0.0, d, 0.0)  # masked rows hold lse = 0: never let exp() of a raw logit leak out
         tl.store(d_row + c, d.to(DS.dtype.element_ty), mask=ok)
 
 

@@ -115,10 +115,12 @@ def _relation_fwd_kernel(
         s_t = tl.dot(a_t, tl.trans(b_t), input_precision=PREC) * scale_t  # (BLOCK_M, BLOCK_N) fp32
         s_s = tl.dot(a_s, tl.trans(b_s), input_precision=PREC) * scale_s
         ok = real_n[None, :]
-        m_t_new = tl.maximum(m_t, tl.max(tl.where(ok, s_t, _NEG), axis=1))
-        m_s_new = tl.maximum(m_s, tl.max(tl.where(ok, s_s, _NEG), axis=1))
-        e_t = tl.where(ok, tl.exp(s_t - m_t_new[:, None]), 0.0)
-        e_s = tl.where(ok, tl.exp(s_s - m_s_new[:, None]), 0.0)
+        s_t_ok = tl.where(ok, s_t, _NEG)  # masked keys: exp(_NEG - m) is 0 (or 1, zeroed below), never inf
+        s_s_ok = tl.where(ok, s_s, _NEG)
+        m_t_new = tl.maximum(m_t, tl.max(s_t_ok, axis=1))
+        m_s_new = tl.maximum(m_s, tl.max(s_s_ok, axis=1))
+        e_t = tl.where(ok, tl.exp(s_t_ok - m_t_new[:, None]), 0.0)
+        e_s = tl.where(ok, tl.exp(s_s_ok - m_s_new[:, None]), 0.0)
         alpha_t = tl.exp(m_t - m_t_new)
         l_t = l_t * alpha_t + tl.sum(e_t, axis=1)
         acc = acc * alpha_t + tl.sum(e_t * (s_t - s_s), axis=1)
@@ -133,8 +135,9 @@ def _relation_fwd_kernel(
     kl = acc / l_t - lse_t + lse_s
     out = r * N + start + offs_m
     tl.store(KL + out, tl.where(real_m, kl, 0.0), mask=in_m)
-    tl.store(LSE_T + out, tl.where(real_m, lse_t, 0.0), mask=in_m)
-    tl.store(LSE_S + out, tl.where(real_m, lse_s, 0.0), mask=in_m)
+    # Padded query rows store lse = +1e30 so that the backward's exp(s - lse) is 0 there, not an overflow.
+    tl.store(LSE_T + out, tl.where(real_m, lse_t, -_NEG), mask=in_m)
+    tl.store(LSE_S + out, tl.where(real_m, lse_s, -_NEG), mask=in_m)
 
 
 # Backward (student side only). With s_s = c_s a_s b_s^T and KL_i = sum_j p_t,ij (s_t,ij - s_s,ij) - lse_t,i
