@@ -52,7 +52,9 @@ def ln_rows(x,                       # (ROWS, BLOCK_N) fp32 tile: GEMM output or
         x = tl.where(keep, x / (1.0 - p), 0.0)
     if HAS_RES:
         x += tl.load(RES + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = tl.where(mask, x, 0.0)
+    # z is rounded to the storage dtype before the statistics (as PyTorch forms it), so the backward, which reads
+    # the stored z, normalises exactly the values the forward did (else a width-1 row blows up by rstd = 1/sqrt(eps))
+    x = tl.where(mask, x.to(Y.dtype.element_ty).to(tl.float32), 0.0)
     if STORE_Z:
         tl.store(Z + rows[:, None] * stride_z + cols[None, :], x.to(Z.dtype.element_ty), mask=mask)
     mean = tl.sum(x, axis=1) / N
@@ -133,7 +135,7 @@ def _ln_bwd(DY, stride_dy,          # upstream gradient (M, N)
         g = dy * w
         c1 = tl.sum(xhat * g, axis=0) / N
         c2 = tl.sum(g, axis=0) / N
-        dz = (g - c2 - xhat * c1) * rstd
+        dz = tl.where(cmask, (g - c2 - xhat * c1) * rstd, 0.0)
         dw += dy * xhat
         db += dy
         tl.store(DZ + row * stride_dz + cols, dz.to(DZ.dtype.element_ty), mask=cmask)

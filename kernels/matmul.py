@@ -17,7 +17,7 @@ fp32 FMA, what torch does with allow_tf32 off) so fp32 parity claims hold on a G
 Interpreter workaround (Triton 3.9, issue 11584): bf16 tl.dot multiplies raw bit patterns there, so the launcher
 sets UPCAST=True when TRITON_INTERPRET=1 and the operands are bf16: the tiles are cast to fp32 before the dot.
 On a GPU UPCAST is False and bf16 runs on tensor cores; the bf16 path is otherwise the fp16 code.
-Limits: K, N any (masked); unit column stride for A, W, C; EPILOGUE 2 needs N <= 1024.
+Limits: K, N any (masked); unit column stride for A, W, C; EPILOGUE 2 needs N <= 512 (wider: GEMM, then kernels/layer_norm.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .gelu import gelu_math
 from .layer_norm import ln_rows
 from .spec import CompileSpec, Cost, gemm_cost
 
-LN_MAX_WIDTH = 1024
+LN_MAX_WIDTH = 512  # wider rows (768) spill with a full-row fp32 accumulator; they run GEMM + LN kernel
 
 
 @triton.jit
@@ -94,16 +94,26 @@ def _linear_fwd(A, stride_am,                 # (M, K) input
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-_TILE = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+# Tiles chosen so that every build is spill-free for sm_80 and sm_90 (fastdistil check-kernels, Triton 3.9):
+# fp32 runs on CUDA-core FMAs (ieee), whose operand fragments live in registers, so its tiles are smaller.
+_TILES = {"lowp": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+          "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)}
 
 
-def _ln_tile(n: int) -> dict:
-    """Full-row tiles: BLOCK_M x next_pow2(N) fp32 accumulator kept at <= 64 registers a thread (8 warps)."""
+def _tile(dtype_name: str) -> dict:
+    return _TILES["fp32" if dtype_name in ("fp32", "float32") else "lowp"]
+
+
+def _ln_tile(n: int, dtype_name: str = "fp16") -> dict:
+    """Full-row tiles: BLOCK_M x next_pow2(N) with at most 8K fp32 accumulator elements (4K for fp32 operands,
+    whose dot fragments live in registers; BLOCK_M >= 16 for tl.dot), a thin K step so the W^T tile stays small,
+    8 warps: spill-free with the dropout epilogue up to N = 512. (N = 1024 spilled 64-900 bytes at 8 and 16 warps
+    with Triton 3.9, so 768-wide models take the unfused path.)"""
     if n > LN_MAX_WIDTH:
         raise ValueError(f"the LayerNorm epilogue supports widths up to {LN_MAX_WIDTH}, got {n}")
     bn = max(16, triton.next_power_of_2(n))
-    return dict(BLOCK_M=max(16, min(64, 16384 // bn)), BLOCK_N=bn, BLOCK_K=32, GROUP_M=1, num_warps=8,
-                num_stages=2)
+    budget = 4096 if dtype_name in ("fp32", "float32") else 8192
+    return dict(BLOCK_M=max(16, budget // bn), BLOCK_N=bn, BLOCK_K=16, GROUP_M=1, num_warps=8, num_stages=2)
 
 
 def _common(a, w):
@@ -122,7 +132,7 @@ def linear_gelu_fwd(a, w, bias, epilogue_gelu=True, approximate="none", store_pr
     N = w.shape[0]
     c = torch.empty(M, N, device=a.device, dtype=a.dtype)
     pre = torch.empty(M, N, device=a.device, dtype=a.dtype) if store_pre else c
-    t = _TILE
+    t = _tile(str(a.dtype).replace("torch.", ""))
     if M and N:
         grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]),)
         _linear_fwd[grid](a, a.stride(0), w, w.stride(0), bias, c, c.stride(0), pre, pre.stride(0), c, 0, bias, bias,
@@ -138,7 +148,7 @@ def linear_layer_norm_fwd(a, w, bias, residual, ln_w, ln_b, eps, dropout_p=0.0, 
     import torch
     M, K = a.shape
     N = w.shape[0]
-    t = _ln_tile(N)
+    t = _ln_tile(N, str(a.dtype).replace("torch.", ""))
     y = torch.empty(M, N, device=a.device, dtype=a.dtype)
     z = torch.empty(M, N, device=a.device, dtype=a.dtype) if save else y
     mean = torch.empty(M if save else 0, device=a.device, dtype=torch.float32)
@@ -155,8 +165,8 @@ def linear_layer_norm_fwd(a, w, bias, residual, ln_w, ln_b, eps, dropout_p=0.0, 
 
 # ------------------------------------------------------------------------------------------- protocol
 def compile_specs() -> list[CompileSpec]:
-    """Every epilogue for fp16/bf16/fp32 at the tiles the launchers choose (LN widths 256/512/1024 cover BERT's
-    250-odd test width, 384 and 768)."""
+    """Every epilogue for fp16/bf16/fp32 at the tiles the launchers choose (LN widths 256/512 cover the 250-odd test
+    width and 384)."""
     specs = []
     for dt in ("fp16", "bf16", "fp32"):
         sig = {"A": f"*{dt}", "stride_am": "i64", "W": f"*{dt}", "stride_wn": "i64", "BIAS": f"*{dt}",
@@ -170,18 +180,20 @@ def compile_specs() -> list[CompileSpec]:
         base = dict(TANH=False, STORE_PRE=False, HAS_DROPOUT=False, STORE_Z=False, STORE_STATS=False, UPCAST=False,
                     PRECISION="ieee")
         tc = dt != "fp32"
-        t = {k: v for k, v in _TILE.items() if k not in ("num_warps", "num_stages")}
+        tile = _tile(dt)
+        t = {k: v for k, v in tile.items() if k not in ("num_warps", "num_stages")}
         for epi, extra, label in ((0, {}, "bias"), (1, {}, "bias+gelu infer"), (1, {"STORE_PRE": True}, "bias+gelu train")):
             specs.append(CompileSpec("_linear_fwd", _linear_fwd, dict(sig), {**base, **extra, "EPILOGUE": epi, **t},
-                                     f"{dt} {label}", num_warps=_TILE["num_warps"], num_stages=_TILE["num_stages"],
-                                     expect_tensor_cores=tc))
-        for n in (256, 512, 1024):
-            lt = _ln_tile(n)
+                                     f"{dt} {label}", num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+                                     expect_tensor_cores=tc, extra={"ieee": not tc}))
+        for n in (256, 512):
+            lt = _ln_tile(n, dt)
             t = {k: v for k, v in lt.items() if k not in ("num_warps", "num_stages")}
             for extra, label in (({}, "infer"), ({"HAS_DROPOUT": True, "STORE_Z": True, "STORE_STATS": True}, "train")):
                 specs.append(CompileSpec("_linear_fwd", _linear_fwd, dict(sig), {**base, **extra, "EPILOGUE": 2, **t},
                                          f"{dt} N<={n} bias+dropout+res+LN {label}", num_warps=lt["num_warps"],
-                                         num_stages=lt["num_stages"], expect_tensor_cores=tc))
+                                         num_stages=lt["num_stages"], expect_tensor_cores=tc,
+                                         extra={"ieee": not tc}))
     return specs
 
 
