@@ -243,13 +243,15 @@ class Distiller:
                     self.cache.put(f, batch.index, getattr(t, f))
         return t
 
-    def __call__(self, batch, step: int | None = None) -> dict:
+    def __call__(self, batch, step: int | None = None, model=None) -> dict:
         """Losses of one batch: {"loss": the weighted total (with graph), <objective name>: unweighted loss}.
 
         Args:
             batch: a packed Batch or a dict (input_ids, attention_mask, token_type_ids, optional labels and
                 `index`: example indices, needed for the cache).
             step: the step whose phase applies (default: the distiller's own counter).
+            model: the module that runs `core` (a DDP or Trainer wrapper of distiller.core); default: the
+                distiller's own (DDP when distributed, else core).
         """
         step = self.global_step if step is None else step
         phase = self._apply_phase(self.plan.phase(step))
@@ -262,7 +264,8 @@ class Distiller:
         if mlm and "mlm_pos" not in batch.extra:
             self._mask_mlm(batch, step)
         t = self.teacher_targets(batch, nt, cache_ok=not mlm)
-        model = self._ddp if self._ddp is not None else self.core
+        if model is None:
+            model = self._ddp if self._ddp is not None else self.core
         out = model(batch, t, ns, weights)
         return {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
 
