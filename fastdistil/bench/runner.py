@@ -1,0 +1,302 @@
+"""`fastdistil bench`'s engine room: set up every engine, check its outputs against transformers eager fp32 in the
+same run, time them in interleaved rounds (A B C A B C ...) so machine noise hits all alike, and report medians,
+real tokens/s and ratios to transformers sdpa. Results go to a table, a JSON file and a bar chart.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata as md
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+from . import engines as E
+from .workloads import get_workload
+
+TARGET_SAMPLE_S = 0.05  # calls shorter than this are repeated within one sample, so timer noise stays small
+MAX_REPEATS = 50
+
+
+def machine_info(threads: int | None = None, device: str = "cpu") -> dict:
+    """CPU model, cores, threads, versions, GPU (if any) and the load average when the run started."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    vers = {}
+    for pkg in ("torch", "triton", "transformers", "onnxruntime", "onnx", "numpy"):
+        try:
+            vers[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            vers[pkg] = None
+    from .. import __version__
+    from ..backend import availability
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads or torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "fastdistil": __version__,
+            "versions": vers, "backends": {k: v[0] for k, v in availability().items()},
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "device": device, "gpu": None}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+class _Progress:
+    """One status line on stderr (tqdm when it is installed and stderr is a terminal, plain lines otherwise)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def step(self, msg: str, advance: int = 1) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_description_str(msg[:60])
+            self.bar.update(advance)
+        else:
+            print(f"  {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextmanager
+def _threads(n: int):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def run_workload(name: str, *, device: str = "cpu", engines=None, rounds: int = 5, threads: int | None = None,
+                 model: str = "minilm", progress: bool = True) -> dict:
+    """Benchmark one workload.
+
+    Args:
+        name: workload name (A, B, C, train, distill).
+        device: "cpu" or "cuda".
+        engines: names or prefixes to keep (default: all of the workload's kind).
+        rounds: timed rounds; each round calls every engine once (after one warm-up call each).
+        threads: torch (and ONNX Runtime) intra-op threads; default torch's current setting.
+        model: see engines.load_reference ("minilm", "random", "tiny" or a directory).
+        progress: show progress on stderr.
+    Returns:
+        {"workload", "summary", "weights", "reference", "rows": [...]} (see format_table for the columns).
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is visible to torch here")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    wl = get_workload(name)
+    threads = threads or torch.get_num_threads()
+    names = E.select(wl.kind, engines)
+    if not names:
+        raise ValueError(f"no engine of workload {name} matches {engines}; known: {', '.join(E.engine_names(wl.kind))}")
+    bar = _Progress(len(names) * (rounds + 1) + 1, progress)
+    with _threads(threads):
+        ctx = E.make_context(wl, device, threads, model)
+        try:
+            return _run(wl, ctx, names, rounds, bar)
+        finally:
+            bar.close()
+            shutil.rmtree(ctx.tmpdir, ignore_errors=True)
+
+
+def _run(wl, ctx, names, rounds, bar) -> dict:
+    rows, live = [], []
+    # the reference every engine is checked against: transformers eager, fp32, this run's batch
+    ref_engine = E.make_engine("transformers-eager", wl.kind) if wl.kind != "distill" else None
+    ref = None
+    if ref_engine is not None:
+        bar.step("reference: transformers eager fp32")
+        ref_engine.setup(ctx)
+        ref = ref_engine.check()
+    for n in names:
+        eng = E.make_engine(n, wl.kind)
+        row = {"engine": n, "family": eng.family, "backend": eng.backend, "precision": eng.precision,
+               "status": "ok", "reason": ""}
+        bar.step(f"setup {n}")
+        t = time.perf_counter()
+        try:
+            if n == "transformers-eager" and ref_engine is not None:
+                eng = ref_engine
+            else:
+                eng.setup(ctx)
+            row["setup_s"] = round(time.perf_counter() - t, 2)
+            out = eng.check()
+            if ref is not None:
+                agree = E.agreement(out, ref, ctx.seqlens if isinstance(out, torch.Tensor) else None)
+                row.update(agree)
+                tol = E.tolerance(eng.precision)
+                row["agrees"] = all(row.get(k, math.nan) <= v if k == "max_abs_diff" else row.get(k, -1) >= v
+                                    for k, v in tol.items()) if wl.kind == "inference" else \
+                    bool(row["max_abs_diff"] <= (1e-3 if eng.precision == "fp32" else 5e-2))
+                row["tolerance"] = tol if wl.kind == "inference" else {"max_abs_diff_of_loss_and_grads": 1e-3}
+            else:
+                loss = float(out["loss"]) if isinstance(out, dict) else math.nan
+                row.update(loss=loss, agrees=math.isfinite(loss))
+            # warm-up call, which also sizes the repeats per sample
+            t = time.perf_counter()
+            eng()
+            ctx.sync()
+            warm = time.perf_counter() - t
+            row["repeats"] = max(1, min(MAX_REPEATS, int(TARGET_SAMPLE_S / max(warm, 1e-6))))
+            row["times_ms"] = []
+            row.update(eng.extra)
+            live.append((eng, row))
+        except E.Skip as e:
+            row.update(status="skipped", reason=str(e))
+        except Exception as e:  # a peer that breaks is reported, not fatal to the run
+            row.update(status="failed", reason=f"{type(e).__name__}: {e}")
+        rows.append(row)
+    for r in range(rounds):
+        for eng, row in live:
+            bar.step(f"round {r + 1}/{rounds} {row['engine']}")
+            k = row["repeats"]
+            ctx.sync()
+            t = time.perf_counter()
+            for _ in range(k):
+                eng()
+            ctx.sync()
+            row["times_ms"].append((time.perf_counter() - t) * 1e3 / k)
+    tokens = ctx.real_tokens
+    for eng, row in live:
+        ts = row["times_ms"]
+        row["median_ms"] = statistics.median(ts)
+        row["min_ms"], row["max_ms"] = min(ts), max(ts)
+        row["tokens_per_s"] = tokens / (row["median_ms"] / 1e3)
+        eng.teardown()
+    base = next((r for r in rows if r["engine"] == "transformers-sdpa" and r["status"] == "ok"), None)
+    for row in rows:
+        if row["status"] == "ok" and base is not None:
+            row["ratio_vs_sdpa"] = base["median_ms"] / row["median_ms"]
+    return {"workload": wl.name, "kind": wl.kind, "summary": wl.summary(), "real_tokens": tokens,
+            "padded_tokens": int(ctx.ids.numel()), "weights": ctx.weights, "rounds": len(next(iter(
+                [r["times_ms"] for _, r in live]), [])) if live else 0,
+            "reference": "transformers eager fp32, same batch, same run" if ref is not None else None,
+            "rows": rows}
+
+
+def run(workloads, *, device="cpu", engines=None, rounds=5, threads=None, model="minilm", progress=True,
+        argv=None) -> dict:
+    """Benchmark several workloads; returns the whole result (machine info, date, command, per workload)."""
+    threads = threads or torch.get_num_threads()
+    result = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": "fastdistil bench " + " ".join(argv or []),
+              "machine": machine_info(threads, device), "workloads": {}}
+    for w in workloads:
+        result["workloads"][w] = run_workload(w, device=device, engines=engines, rounds=rounds, threads=threads,
+                                              model=model, progress=progress)
+    return result
+
+
+def _fmt(v, spec, missing="-"):
+    return missing if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def format_table(wres: dict) -> list[str]:
+    """Engine, median ms, real tokens/s, ratio to transformers sdpa, max abs diff (and why an engine did not run)."""
+    lines = [f"{wres['summary']}; weights: {wres['weights']}",
+             f"{'engine':<26} {'median ms':>10} {'min..max ms':>17} {'real tok/s':>11} {'vs sdpa':>8} "
+             f"{'max abs diff':>12}  agrees"]
+    for r in wres["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['engine']:<26} {r['status']}: {r['reason']}")
+            continue
+        spread = f"{r['min_ms']:.1f}..{r['max_ms']:.1f}"
+        extra = ""
+        if "min_cosine" in r and r["precision"] != "fp32":
+            extra = f" (cos {r['min_cosine']:.5f})"
+        if "saved_activation_MB" in r:
+            extra += f" saved {r['saved_activation_MB']:.0f} MB"
+        if "loss" in r:
+            extra += f" loss {r['loss']:.4f}"
+        lines.append(f"{r['engine']:<26} {r['median_ms']:>10.2f} {spread:>17} {r['tokens_per_s']:>11,.0f} "
+                     f"{_fmt(r.get('ratio_vs_sdpa'), '.2f'):>7}x {_fmt(r.get('max_abs_diff'), '.2e'):>12}  "
+                     f"{'yes' if r.get('agrees') else 'NO'}{extra}")
+    return lines
+
+
+def plot(result: dict, path) -> None:
+    """A bar chart (median ms per engine, one panel per workload, ratio to sdpa on each bar) as PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib (pip install fastdistil[bench])") from None
+    ws = list(result["workloads"].values())
+    fig, axes = plt.subplots(len(ws), 1, figsize=(9, 1.2 + 0.42 * max(len(w["rows"]) for w in ws) * len(ws)),
+                             squeeze=False)
+    colors = {"fastdistil": "#d62728", "transformers": "#1f77b4", "torch.compile": "#9467bd",
+              "onnxruntime": "#2ca02c"}
+    for ax, w in zip(axes[:, 0], ws):
+        rows = [r for r in w["rows"] if r["status"] == "ok"]
+        names = [r["engine"] for r in rows]
+        vals = [r["median_ms"] for r in rows]
+        ax.barh(names, vals, color=[colors.get(r["family"], "#7f7f7f") for r in rows],
+                xerr=[[r["median_ms"] - r["min_ms"] for r in rows], [r["max_ms"] - r["median_ms"] for r in rows]],
+                capsize=2)
+        for i, r in enumerate(rows):
+            tag = f" {r['ratio_vs_sdpa']:.2f}x" if r.get("ratio_vs_sdpa") else ""
+            tag += "" if r.get("agrees") else " (DISAGREES)"
+            ax.text(r["median_ms"], i, tag, va="center", fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("median ms (lower is better)")
+        ax.set_title(w["summary"], fontsize=9)
+    m = result["machine"]
+    fig.suptitle(f"fastdistil bench, {result['date']}, {m['cpu']}, {m['torch_threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def model_error_lines(result: dict) -> list[str]:
+    """On CUDA: the cost model's error against the measurement of the same workload (fastdistil triton and
+    transformers eager, forward, eager launches). Empty on CPU."""
+    if result["machine"]["device"] != "cuda":
+        return []
+    from . import costmodel as cm
+    lines = []
+    for name, w in result["workloads"].items():
+        if w["kind"] != "inference":
+            continue
+        for prec in ("bf16", "fp32"):
+            try:
+                rep = cm.model_perf(name, dtype=prec, peers=("eager",), compile_report=None)
+            except Exception as e:  # the model is optional here; say why it is missing
+                lines.append(f"modeled vs measured ({name}, {prec}): cost model unavailable ({e})")
+                continue
+            pairs = (("fastdistil-triton-" + prec, rep["fastdistil"]["forward"]["whole_model"]["time_eager_s"]),
+                     ("transformers-eager" if prec == "fp32" else "", rep["transformers"]["eager"]["forward"]
+                      ["totals"]["time_eager_s"]))
+            for eng, modeled in pairs:
+                row = next((r for r in w["rows"] if r["engine"] == eng and r["status"] == "ok"), None)
+                if row is None:
+                    continue
+                err = (modeled * 1e3 - row["median_ms"]) / row["median_ms"]
+                lines.append(f"modeled vs measured ({name}, {eng}): modeled {modeled * 1e3:.3f} ms, measured "
+                             f"{row['median_ms']:.3f} ms, error {err:+.0%}")
+    return lines
