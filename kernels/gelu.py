@@ -16,11 +16,18 @@ import triton.language as tl
 from .spec import CompileSpec, Cost
 
 @triton.jit
+def _tanh(t):
+    """tanh in fp32 without overflow: sign(t) (1 - e) / (1 + e), e = exp(-2|t|) in (0, 1]."""
+    e = tl.exp(-2.0 * tl.abs(t))
+    th = (1.0 - e) / (1.0 + e)
+    return tl.where(t < 0, -th, th)
+
+
+@triton.jit
 def gelu_math(u, TANH: tl.constexpr):
     """GELU(u) in fp32: exact u * Phi(u) = u/2 (1 + erf(u / sqrt 2)); tanh form u/2 (1 + tanh(sqrt(2/pi)(u + .044715 u^3)))."""
     if TANH:
-        t = 0.7978845608028654 * (u + 0.044715 * u * u * u)
-        th = 2.0 / (1.0 + tl.exp(-2.0 * t)) - 1.0
+        th = _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
         return 0.5 * u * (1.0 + th)
     else:
         return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
@@ -30,8 +37,7 @@ def gelu_math(u, TANH: tl.constexpr):
 def gelu_grad_math(u, TANH: tl.constexpr):
     """GELU'(u) in fp32: exact Phi(u) + u * phi(u); tanh form 0.5(1+th) + 0.5 u (1-th^2) sqrt(2/pi)(1 + 3*.044715 u^2)."""
     if TANH:
-        t = 0.7978845608028654 * (u + 0.044715 * u * u * u)
-        th = 2.0 / (1.0 + tl.exp(-2.0 * t)) - 1.0
+        th = _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))
         return 0.5 * (1.0 + th) + 0.5 * u * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 0.134145 * u * u)
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
