@@ -16,6 +16,13 @@ ATOL = 1e-5
 HF_MODULE = "transformers.models"
 
 
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    """Behaviour tests run on the torch backend (the reference); test_backends_flow_through runs the others."""
+    with fastdistil.use_backend("torch"):
+        yield
+
+
 def tiny_config(**kw):
     base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
@@ -265,6 +272,33 @@ def test_gradient_checkpointing(padding_free):
     g, g_ref = m.bert.encoder.layer[0].attention.self.query.weight.grad, \
         ref_m.bert.encoder.layer[0].attention.self.query.weight.grad
     assert maxdiff(g, g_ref) <= ATOL * max(1.0, g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["native", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_backends_flow_through(backend, padding_free):
+    """The patched modules call the same ops as FastStudent, so each backend runs them unchanged: logits, loss and
+    every gradient match the unpatched model (fp32; triton runs in Triton's interpreter on CPU)."""
+    ok, why = fastdistil.availability()[backend]
+    if not ok:
+        pytest.skip(f"backend {backend} unavailable: {why}")
+    if backend == "triton" and not fastdistil.backend.interpreting():
+        pytest.skip("the triton backend needs CUDA, or TRITON_INTERPRET=1 on CPU")
+    ref_m = build(transformers.BertForSequenceClassification).train()
+    m = copy.deepcopy(ref_m)
+    patched_quietly(m, padding_free=padding_free)
+    ids, mask, tt = batch()
+    labels = torch.tensor([0, 2, 1, 1])
+    ref = ref_m(ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+    with fastdistil.use_backend(backend):
+        out = m(ids, attention_mask=mask, token_type_ids=tt, labels=labels)
+        out.loss.backward()
+    ref.loss.backward()
+    assert maxdiff(out.logits, ref.logits) <= ATOL and abs(out.loss.item() - ref.loss.item()) <= ATOL
+    ref_grads = dict(ref_m.named_parameters())
+    for n, p in m.named_parameters():
+        g_ref = ref_grads[n].grad
+        assert maxdiff(p.grad, g_ref) <= ATOL * max(1.0, g_ref.abs().max().item()), n
 
 
 # ---------------------------------------------------------------------------------------------------- Trainer
