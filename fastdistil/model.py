@@ -59,7 +59,7 @@ class Layer(nn.Module):
         training; cached (keyed on the parameters' versions) when no gradient is needed."""
         s = self.attention["self"]
         ps = (s["query"].weight, s["key"].weight, s["value"].weight, s["query"].bias, s["key"].bias, s["value"].bias)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in ps):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in ps)):
             return torch.cat(ps[:3]), torch.cat(ps[3:])
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps)
         if self._qkv_cache is None or self._qkv_cache[0] != key:
@@ -182,7 +182,7 @@ class FastStudent(nn.Module):
                 raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids.to(dev)
         pos = (torch.arange(L, device=dev).expand(B, L) if position_ids is None else position_ids.to(dev))
-        if input_ids.numel():
+        if input_ids.numel() and not torch.compiler.is_compiling():  # value checks sync; skipped when traced
             bad = torch.stack([(input_ids < 0).any(), (input_ids >= cfg.vocab_size).any(), (tt < 0).any(),
                                (tt >= cfg.type_vocab_size).any(), (pos < 0).any(),
                                (pos >= cfg.max_position_embeddings).any()]).tolist()
