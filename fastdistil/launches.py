@@ -105,3 +105,79 @@ def count_launches():
     finally:
         for cls, orig in patched:
             cls.run = orig
+
+
+class ByteCounts:
+    """Distinct bytes loaded and stored by Triton kernels run in the interpreter (each address counted once per
+    region: the HBM traffic when every re-read hits in cache)."""
+
+    def __init__(self):
+        self._loads: list = []
+        self._stores: list = []
+
+    @staticmethod
+    def _distinct(chunks) -> int:
+        import numpy as np
+        if not chunks:
+            return 0
+        addrs = np.concatenate([a for a, _ in chunks])
+        sizes = np.concatenate([s for _, s in chunks])
+        _, first = np.unique(addrs, return_index=True)
+        return int(sizes[first].sum())
+
+    @property
+    def read(self) -> int:
+        return self._distinct(self._loads)
+
+    @property
+    def written(self) -> int:
+        return self._distinct(self._stores)
+
+    @property
+    def total(self) -> int:
+        return self.read + self.written
+
+
+@contextlib.contextmanager
+def count_bytes():
+    """Context manager yielding ByteCounts of the Triton loads/stores inside the block (TRITON_INTERPRET=1 only).
+
+    Records every unmasked element address of tl.load / tl.store with its element size, then counts distinct
+    addresses: the bytes a kernel must move between HBM and the chip if nothing is fetched twice."""
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder as IB
+
+    counts = ByteCounts()
+
+    def record(dest, ptrs, mask):
+        addrs = np.asarray(ptrs.data).reshape(-1).astype(np.uint64)
+        if mask is not None:
+            addrs = addrs[np.asarray(mask.data).reshape(-1).astype(bool)]
+        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        dest.append((addrs, np.full(addrs.shape, size, dtype=np.int64)))
+
+    orig = {n: getattr(IB, n) for n in ("create_load", "create_store", "create_masked_load", "create_masked_store")}
+
+    def load(self, ptr, *a, **k):
+        record(counts._loads, ptr, None)
+        return orig["create_load"](self, ptr, *a, **k)
+
+    def store(self, ptr, val, *a, **k):
+        record(counts._stores, ptr, None)
+        return orig["create_store"](self, ptr, val, *a, **k)
+
+    def masked_load(self, ptrs, mask, *a, **k):
+        record(counts._loads, ptrs, mask)
+        return orig["create_masked_load"](self, ptrs, mask, *a, **k)
+
+    def masked_store(self, ptrs, value, mask, *a, **k):
+        record(counts._stores, ptrs, mask)
+        return orig["create_masked_store"](self, ptrs, value, mask, *a, **k)
+
+    IB.create_load, IB.create_store = load, store
+    IB.create_masked_load, IB.create_masked_store = masked_load, masked_store
+    try:
+        yield counts
+    finally:
+        for n, f in orig.items():
+            setattr(IB, n, f)

@@ -223,18 +223,24 @@ def compile_specs() -> list[CompileSpec]:
 
 
 def cost(tokens: int, width: int, elem_bytes: int, backward: bool = False) -> list[Cost]:
-    """Minimum bytes: forward reads three table rows and three ids per token, writes the output and the fp32
-    statistics (8 bytes a token), reads the LayerNorm vectors once; the kernel moves exactly that (1.0x; table
-    rows shared by tokens may hit in L2, so this is an upper bound of the true traffic).
-    Backward: `_embed_bwd` re-reads the three rows, dy, stats; writes dx in fp32; `_segment_sum` reads dx once
-    and writes each touched table row once (counted as one row per token: at most that). The dense zero-fill of
-    the (V, N) word-table gradient (a memset launch the framework also pays) is not counted."""
+    """Minimum bytes: forward reads three table rows and three int64 ids per token, writes the output and the
+    fp32 statistics (8 bytes a token), reads the LayerNorm vectors once; the kernel moves exactly that (table
+    rows shared by tokens hit in L2, so this is an upper bound of the true traffic).
+    Backward: `_embed_bwd` re-reads the three rows, ids, dy and stats, writes dx in fp32, and writes + reads its
+    fp32 column partials (LN weight, bias, 2 token types; P = partial_programs(tokens) rows); `_segment_sum`
+    (one launch per table: word, position) reads sorted ids, order and dx once and writes each touched table
+    row once (counted as one row per token: at most that). The sort and the dense zero-fill of the (V, N)
+    word-table gradient (which the framework's own embedding backward also pays) are not counted."""
+    from .layer_norm import partial_programs
     t, n = tokens, width
-    fwd = Cost("embed_layer_norm.fwd", 12.0 * t * n, float(t * n * elem_bytes * 4 + 24 * t + 8 * t + 2 * n * elem_bytes))
+    fwd = Cost("embed_layer_norm.fwd", 12.0 * t * n,
+               float(t * n * elem_bytes * 4 + 24 * t + 8 * t + 2 * n * elem_bytes))
     out = [fwd]
     if backward:
+        parts = 4 * n * 4
         out.append(Cost("embed_layer_norm.bwd", 16.0 * t * n,
-                        float(t * n * (4 * elem_bytes + 4) + 32 * t + n * elem_bytes)))
-        out.append(Cost("embed_layer_norm.scatter", 2.0 * t * n, float(2 * (t * n * 4 + t * n * elem_bytes) + 32 * t),
-                        launches=2))
+                        float(t * n * (4 * elem_bytes + 4) + 32 * t + n * elem_bytes
+                              + parts * (2 * partial_programs(t) + 1))))
+        out.append(Cost("embed_layer_norm.scatter", 2.0 * t * n,
+                        float(2 * (t * n * 4 + t * n * elem_bytes + 16 * t)), launches=2))
     return out

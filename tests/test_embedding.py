@@ -78,3 +78,18 @@ def test_cost():
     f, b, s = K.cost(1000, 384, 2, backward=True)
     assert f.bytes == 1000 * 384 * 2 * 4 + 32 * 1000 + 2 * 384 * 2  # 3 rows read + 1 written, ids, stats
     assert b.launches == 1 and s.launches == 2
+
+
+def test_kernel_bytes_match_cost():
+    """Distinct bytes the forward loads and stores (interpreter) against cost(): equal up to the rows tokens
+    share (here only the two token-type rows), never above."""
+    from fastdistil.launches import count_bytes
+    T, N = 64, 384
+    ids, pos, tt = torch.randperm(100)[:T], torch.randperm(T), torch.randint(0, 2, (T,))
+    tabs = [torch.randn(100, N).half(), torch.randn(T, N).half(), torch.randn(2, N).half(), torch.randn(N).half(),
+            torch.randn(N).half()]
+    with count_bytes() as c:
+        K.embed_fwd(ids, tt, pos, tabs[0], tabs[2], tabs[1], tabs[3], tabs[4], EPS)
+    (fwd,) = K.cost(T, N, 2)
+    shared = (T - 2) * N * 2  # type rows read by many tokens count once
+    assert c.total == fwd.bytes - shared

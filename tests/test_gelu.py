@@ -90,4 +90,26 @@ def test_linear_gelu_inference_stores_no_pre_activation():
 def test_cost_bytes_are_minimal():
     f, b = K.cost(1000, 1536, 2, backward=True)
     assert f.bytes == 2 * 1000 * 1536 * 2 + 1536 * 2  # read x, write h, bias once
-    assert b.bytes == 3 * 1000 * 1536 * 2 + 1536 * (2 + 4)
+    p = 132 // 6  # programs along rows: one per SM across the 6 column strips of 256
+    assert b.bytes == 3 * 1000 * 1536 * 2 + 1536 * 2 + 1536 * 4 * (2 * p + 1)  # + fp32 partials, written and read
+
+
+def test_kernel_bytes_match_cost():
+    """Distinct bytes the kernels load and store (counted in the interpreter) against cost()'s minimum."""
+    from fastdistil.kernels import matmul as MM
+    from fastdistil.launches import count_bytes
+    M, N, Kd = 256, 1536, 64
+    x, b, dh = torch.randn(M, N).half(), torch.randn(N).half(), torch.randn(M, N).half()
+    fwd, bwd = K.cost(M, N, 2, backward=True)
+    with count_bytes() as c:
+        K.bias_gelu_fwd(x, b)
+    assert c.total == fwd.bytes
+    with count_bytes() as c:
+        K.bias_gelu_bwd(dh, x, b)
+    assert bwd.bytes / 1.25 <= c.total <= bwd.bytes  # cost counts the partials for 132 SMs
+    a, W = torch.randn(M, Kd).half(), torch.randn(N, Kd).half()
+    for save in (False, True):
+        with count_bytes() as c:
+            MM.linear_gelu_fwd(a, W, b, True, store_pre=save)
+        (lin,) = MM.cost(M, N, Kd, 2, epilogue="gelu", backward=save)[:1]
+        assert c.total == lin.bytes

@@ -181,5 +181,27 @@ def test_cost_bytes_are_minimal():
     (f,) = K.cost(1000, 384, 2, residual=True, input_bias=True, dropout=False, backward=False)
     assert f.bytes == 1000 * 384 * 2 * 3 + 384 * 2 * 3  # read x, residual; write y; three vectors
     f, b = K.cost(1000, 384, 2, residual=True, input_bias=True, dropout=True, backward=True)
-    assert f.bytes == 1000 * 384 * 2 * 4 + 384 * 2 * 3 + 8 * 1000  # + z and the stats for the backward
+    assert f.bytes == 1000 * 384 * 2 * 4 + 384 * 2 * 3 + 8 * 1000 + 8  # + z, the stats, the seed
     assert b.bytes > 0 and f.launches == b.launches == 1
+
+
+def test_kernel_bytes_match_cost():
+    """Distinct bytes the kernels load and store (counted in the interpreter) against cost()'s minimum."""
+    from fastdistil.kernels import matmul as MM
+    from fastdistil.launches import count_bytes
+    M, N, Kd = 256, 384, 64
+    h = lambda *s: torch.randn(*s, dtype=torch.float16)  # noqa: E731
+    x, r, w, b, ib = h(M, N), h(M, N), h(N), h(N), h(N)
+    seed = torch.tensor([3], dtype=torch.int64)
+    with count_bytes() as c:
+        y, z, mean, rstd = K.layer_norm_fwd(x, w, b, EPS, r, ib, 0.1, seed, store_z=True)
+    fwd, bwd = K.cost(M, N, 2, residual=True, input_bias=True, dropout=True, backward=True)
+    assert c.total == fwd.bytes
+    with count_bytes() as c:
+        K.layer_norm_bwd(h(M, N), z, mean, rstd, w, True, 0.1, seed)
+    assert 0.8 * bwd.bytes <= c.total <= bwd.bytes  # the partials' re-read by the reduction is torch's
+    a, W = h(M, Kd), h(N, Kd)
+    with count_bytes() as c:
+        MM.linear_layer_norm_fwd(a, W, ib, r, w, b, EPS)
+    (lin,) = MM.cost(M, N, Kd, 2, epilogue="layer_norm")
+    assert c.total == lin.bytes
