@@ -25,7 +25,7 @@ is supported: absolute positions, no decoder / cross-attention, a GELU activatio
 else is left unpatched with a warning naming it. At run time, calls the fused path cannot serve exactly
 (``past_key_values``, ``encoder_hidden_states``, a 4D attention mask, ``output_attentions``) run the original forward.
 Linear layers that are not plain ``nn.Linear`` (PEFT LoRA wrappers, quantised layers) or carry hooks are called as
-modules, so adapters keep working; plain ones are read directly so their bias fuses into the next op.
+modules, so adapters keep working; plain ones go to the fused ``linear_*`` ops with their weight and bias.
 
 Differences from the unpatched model, both by design: (1) positions that are padding hold zeros in
 ``last_hidden_state`` on the padding-free route (transformers computes values there from the pad tokens; no
@@ -425,11 +425,19 @@ def patch(model: nn.Module, *, padding_free: bool = True) -> nn.Module:
              if id(getattr(m, "encoder", None)) in encoders and hasattr(type(m), "_create_attention_masks")
              and _same_code(type(m)._create_attention_masks, bert.BertModel._create_attention_masks)
              and _same_code(type(m).forward, bert.BertModel.forward)]
+    based, partial = {id(m.encoder) for _, m in bases}, {}
+    for name, m, role in plan:
+        if role == "encoder" and id(m) not in based:
+            partial[name] = (
+                "its base model's forward is not BertModel's, so batches with padding arrive as transformers' 4D "
+                "masks and run the original layers; unpadded batches and the embeddings are fused")
     for name, m, _ in plan:
         _check_device_dtype(name, m)  # before anything changes: a failed patch leaves the model as it was
 
     for name, why in skipped.items():
         _warn(f"left {name or type(model).__name__} ({type(model.get_submodule(name)).__name__}) unpatched: {why}")
+    for name, why in partial.items():
+        _warn(f"{name or type(model).__name__} is only partly fused: {why}")
     if not plan:
         _warn(f"found no supported BERT embeddings or layers in {type(model).__name__}; nothing was patched")
         return model
@@ -443,7 +451,7 @@ def patch(model: nn.Module, *, padding_free: bool = True) -> nn.Module:
         m.__dict__["_create_attention_masks"] = types.MethodType(_create_attention_masks, m)
     model.__dict__["_fastdistil_report"] = {"patched": [n for n, _, _ in plan] + [f"{n}._create_attention_masks"
                                                                                   for n, _ in bases],
-                                            "skipped": skipped}
+                                            "skipped": skipped, "partial": partial}
     return model
 
 

@@ -1,6 +1,7 @@
 """fastdistil.patch / unpatch on transformers and sentence-transformers models: parity (fp32, 1e-5), training under
 transformers.Trainer, torch.compile(fullgraph=True), gradient checkpointing, and the unsupported / bad inputs."""
 import copy
+import re
 import warnings
 
 import pytest
@@ -195,6 +196,25 @@ def test_token_classification_and_roberta_layers():
         assert maxdiff(r(ids + 2, attention_mask=mask).last_hidden_state, ref_r, mask) <= ATOL
 
 
+def test_electra_partly_fused_warns_and_stays_exact():
+    """ELECTRA's layers are BERT's code but its model forward is not: padded batches reach the encoder as 4D masks
+    and run the original layers (said once, at patch time), unpadded ones are fused; both stay exact."""
+    cfg = transformers.ElectraConfig(vocab_size=97, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    m = transformers.ElectraModel(cfg).eval()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        ref, ref_full = m(ids, attention_mask=mask).last_hidden_state, m(ids).last_hidden_state
+    with pytest.warns(UserWarning, match="encoder is only partly fused"):
+        patch(m)
+    assert type(m.embeddings).__module__ == "fastdistil.patch"
+    with torch.no_grad():
+        assert maxdiff(m(ids, attention_mask=mask).last_hidden_state, ref, mask) <= ATOL
+        assert maxdiff(m(ids).last_hidden_state, ref_full) <= ATOL
+
+
 def test_runtime_fallbacks_output_attentions_and_4d_mask():
     """Calls the fused path cannot serve exactly run transformers' own forwards: never silently wrong."""
     m = build(attn_implementation="eager")
@@ -386,6 +406,10 @@ def test_double_patch_and_unpatch_restore():
         ref = m(ids, attention_mask=mask).logits
     patched_quietly(m)
     patched_types = classes(m)
+    twin = copy.deepcopy(m)  # a copy of a patched model is patched, and bound to itself
+    assert is_patched(twin) and twin.bert.__dict__["_create_attention_masks"].__self__ is twin.bert
+    with torch.no_grad():
+        assert maxdiff(twin(ids, attention_mask=mask).logits, ref) <= ATOL
     with pytest.warns(UserWarning, match="already patched"):
         assert patch(m) is m
     assert classes(m) == patched_types  # no-op
@@ -412,8 +436,12 @@ def test_unsupported_variants_warn_and_stay_unpatched(variant, match):
     ids, mask, _ = batch()
     with torch.no_grad():
         ref = m(ids, attention_mask=mask).last_hidden_state
-    with pytest.warns(UserWarning, match=rf"left encoder\.layer\.0 \(BertLayer\) unpatched: .*{match}"):
+    with pytest.warns(UserWarning) as rec:
         patch(m)
+    text = "\n".join(str(w.message) for w in rec)
+    for i in range(2):
+        assert re.search(rf"left encoder\.layer\.{i} \(BertLayer\) unpatched: .*{match}", text), text
+    assert "left encoder (BertEncoder) unpatched: some of its layers are unsupported" in text
     assert all(type(x).__module__.startswith(HF_MODULE) for x in m.encoder.layer)
     assert type(m.encoder).__module__.startswith(HF_MODULE)  # no padding-free encoder over unfused layers
     with torch.no_grad():
