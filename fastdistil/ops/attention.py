@@ -74,3 +74,105 @@ def _attention_torch(q, k, v, attention_mask, *, dropout_p, softmax_scale):
 def _varlen_torch(q, k, v, cu_seqlens, max_seqlen, *, dropout_p, softmax_scale):
     return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                       softmax_scale=softmax_scale)
+
+
+# ------------------------------------------------------------------------------------------------ triton
+# Registered through torch.library (custom_op + register_fake + register_autograd) so that torch.compile traces it
+# with fullgraph=True, on CUDA and in interpreter mode on CPU (where triton_op/wrap_triton would hand fake tensors
+# to the interpreter). One pair of ops serves both layouts: q.dim() == 4 is the padded form, 3 the varlen form.
+# The kernels (kernels/attention.py) are imported on first call, never at import.
+import math  # noqa: E402
+import warnings  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from torch import Tensor  # noqa: E402
+
+_TRITON_HEAD_DIMS = (16, 32, 64, 128)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_warned: set = set()
+
+
+def attention_dropout_seed(device) -> Tensor:
+    """The (1,) int64 Philox seed of one attention call, drawn from torch's default (CPU) generator, so
+    torch.manual_seed fixes it on any device; a tensor input to the op, so torch.compile traces it."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _lse_shape(q: Tensor, cu_seqlens: Optional[Tensor]) -> tuple:
+    return tuple(q.shape[:3]) if q.dim() == 4 else (q.shape[1], q.shape[0])
+
+
+@torch.library.custom_op("fastdistil::attention_fwd", mutates_args=())
+def _attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                 seed: Optional[Tensor], max_seqlen: int, dropout_p: float,
+                 softmax_scale: float) -> tuple[Tensor, Tensor]:
+    """(o, lse): o contiguous in q's shape; lse fp32 (B, H, L) or (H, T), log2 units (see kernels/attention.py)."""
+    from ..kernels import attention as K
+    return K.attention_fwd(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdistil::attention_bwd", mutates_args=())
+def _attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, key_mask: Optional[Tensor],
+                 cu_seqlens: Optional[Tensor], seed: Optional[Tensor], max_seqlen: int, dropout_p: float,
+                 softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), contiguous in q's shape; the dropout mask is regenerated from `seed`."""
+    from ..kernels import attention as K
+    return K.attention_bwd(do, q, k, v, o, lse, key_mask, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale)
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, key_mask, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, key_mask, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale = inputs
+    o, lse = output
+    ctx.max_seqlen, ctx.p, ctx.scale = max_seqlen, dropout_p, softmax_scale
+    ctx.save_for_backward(q, k, v, o, lse, key_mask, cu_seqlens, seed)
+
+
+def _attn_backward(ctx, do, _dlse):
+    q, k, v, o, lse, key_mask, cu_seqlens, seed = ctx.saved_tensors
+    dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, key_mask, cu_seqlens, seed, ctx.max_seqlen, ctx.p, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attn_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup)
+
+
+def _triton_supported(q: Tensor) -> bool:
+    """fp16/bf16/fp32 with head_dim 16/32/64/128 run the kernels; anything else the torch reference (float64 stays
+    exact there; other head dims say so once)."""
+    if q.dtype in _TRITON_DTYPES and q.shape[-1] in _TRITON_HEAD_DIMS:
+        return True
+    if q.dtype != torch.float64 and q.shape[-1] not in _warned:
+        _warned.add(q.shape[-1])
+        warnings.warn(f"triton attention supports head_dim {_TRITON_HEAD_DIMS}; head_dim {q.shape[-1]} runs the "
+                      "torch implementation", stacklevel=3)
+    return False
+
+
+@register("attention", "triton")
+def _attention_triton(q, k, v, attention_mask, *, dropout_p, softmax_scale):
+    if not _triton_supported(q):
+        return _attention_torch(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    key_mask = None if attention_mask is None else (attention_mask != 0).to(torch.int8)  # (B, L)
+    seed = attention_dropout_seed(q.device) if dropout_p > 0 else None
+    return _attn_fwd_op(q, k, v, key_mask, None, seed, q.shape[2], float(dropout_p), scale)[0]
+
+
+@register("varlen_attention", "triton")
+def _varlen_triton(q, k, v, cu_seqlens, max_seqlen, *, dropout_p, softmax_scale):
+    if not _triton_supported(q):
+        return _varlen_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    seed = attention_dropout_seed(q.device) if dropout_p > 0 else None
+    return _attn_fwd_op(q, k, v, None, cu_seqlens.to(torch.int32), seed, int(max_seqlen), float(dropout_p),
+                        scale)[0]
