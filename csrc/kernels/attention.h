@@ -1,0 +1,245 @@
+// Attention over one packed sequence for one head: the blocked, vectorised inner kernel of varlen attention.
+//
+// Layout: q, k, v, o address token 0 of the sequence for this head; consecutive tokens are `s*` elements
+// apart (so q/k/v may be strided views of one fused (T, 3, H, D) QKV GEMM output) and the head dimension D is
+// contiguous. Everything is computed in fp32 in a per-thread scratch buffer: K^T and V are converted once per
+// (sequence, head); queries go in blocks of 4 rows so that each K^T / V vector loaded feeds 4 FMAs.
+// Vectors are GCC vector extensions of 16 floats: one zmm under the AVX-512 build, 4 xmm in the generic one.
+//
+// Forward, per query row i (keys j < L only; nothing is ever padded to another sequence's length):
+//   s_j = scale * q_i . k_j,  m = max_j s_j,  lse_i = m + log sum_j exp(s_j - m),  p_j = exp(s_j - lse_i)
+//   o_i = sum_j p_j * keep_ij / (1 - p_drop) * v_j
+// Backward (recomputes p from the saved lse; the dropout mask is regenerated from its counter-based hash):
+//   pd_j = p_j keep_ij/(1-p_drop), dpd_j = do_i . v_j, dp_j = dpd_j keep_ij/(1-p_drop)
+//   D_i = do_i . o_i (= sum_j pd_j dpd_j),  ds_j = p_j (dp_j - D_i)
+//   dq_i = scale sum_j ds_j k_j,  dk_j += scale ds_j q_i,  dv_j += pd_j do_i
+#pragma once
+
+#include "common.h"
+#include "table.h"
+
+namespace fd {
+namespace FD_ISA {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+
+FD_INLINE v16 ld16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+FD_INLINE void st16(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+FD_INLINE int64_t up16(int64_t n) { return (n + 15) & ~int64_t(15); }
+FD_INLINE float* align64(float* p) {
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
+// S[r][0:Lp] = sum_d A[r][d] * BT[d][0:Lp] for r < 4 (A rows Dp apart, S rows Lp apart).
+FD_INLINE void rows4_times_t(const float* A, int64_t Dp, const float* BT, int64_t D, int64_t Lp, float* S) {
+  for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
+    v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t d = 0; d < D; ++d) {
+      v16 b = ld16(BT + d * Lp + j0);
+      a0 += A[d] * b;
+      a1 += A[Dp + d] * b;
+      a2 += A[2 * Dp + d] * b;
+      a3 += A[3 * Dp + d] * b;
+    }
+    st16(S + j0, a0);
+    st16(S + Lp + j0, a1);
+    st16(S + 2 * Lp + j0, a2);
+    st16(S + 3 * Lp + j0, a3);
+  }
+}
+
+// O[r][0:Dp] = sum_{j<L} P[r][j] * B[j][0:Dp] for r < 4 (P rows Lp apart, B and O rows Dp apart).
+FD_INLINE void rows4_times(const float* P, int64_t Lp, const float* B, int64_t L, int64_t Dp, float* O) {
+  for (int64_t c0 = 0; c0 < Dp; c0 += 16) {
+    v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t j = 0; j < L; ++j) {
+      v16 b = ld16(B + j * Dp + c0);
+      a0 += P[j] * b;
+      a1 += P[Lp + j] * b;
+      a2 += P[2 * Lp + j] * b;
+      a3 += P[3 * Lp + j] * b;
+    }
+    st16(O + c0, a0);
+    st16(O + Dp + c0, a1);
+    st16(O + 2 * Dp + c0, a2);
+    st16(O + 3 * Dp + c0, a3);
+  }
+}
+
+template <typename T>
+FD_INLINE void load_t(const T* x, int64_t s, int64_t L, int64_t D, int64_t Lp, float* XT) {  // XT[d][j] = x[j][d]
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t d = 0; d < D; ++d) XT[d * Lp + j] = to_f32(x[j * s + d]);
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = L; j < Lp; ++j) XT[d * Lp + j] = 0.0f;
+}
+
+template <typename T>
+FD_INLINE void load_rows(const T* x, int64_t s, int64_t n, int64_t D, int64_t Dp, float mul, float* X) {
+  for (int64_t j = 0; j < n; ++j) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) X[j * Dp + d] = to_f32(x[j * s + d]) * mul;
+    for (int64_t d = D; d < Dp; ++d) X[j * Dp + d] = 0.0f;
+  }
+}
+
+// Rows i0..i0+3 of x (L rows; clamped to the last row, so a partial block reads valid memory) into X (4 x Dp).
+template <typename T>
+FD_INLINE void load_block(const T* x, int64_t s, int64_t i0, int64_t L, int64_t D, int64_t Dp, float mul, float* X) {
+  for (int r = 0; r < 4; ++r) {
+    int64_t i = std::min(i0 + r, L - 1);
+    load_rows(x + i * s, s, 1, D, Dp, mul, X + r * Dp);
+  }
+}
+
+template <typename T>
+void attn_fwd(const AttnFwdArgs& a) {
+  const int64_t Lq = a.Lq, L = a.L, D = a.D, Lp = up16(L), Dp = up16(D);
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  T* o = static_cast<T*>(a.o);
+  float* KT = align64(a.work);      // D x Lp
+  float* V = KT + D * Lp;           // L x Dp
+  float* S = V + up16(L * Dp);      // 4 x Lp
+  float* Q = S + 4 * Lp;            // 4 x Dp
+  float* O = Q + 4 * Dp;            // 4 x Dp
+  load_t(k, a.sk, L, D, Lp, KT);
+  load_rows(v, a.sv, L, D, Dp, 1.0f, V);
+  const bool drop = a.drop_threshold != 0;
+  for (int64_t i0 = 0; i0 < Lq; i0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, Lq - i0);
+    load_block(q, a.sq, i0, Lq, D, Dp, a.scale, Q);
+    rows4_times_t(Q, Dp, KT, D, Lp, S);
+    for (int64_t r = 0; r < 4; ++r) {
+      float* s = S + r * Lp;
+      if (r >= nr) {
+        for (int64_t j = 0; j < Lp; ++j) s[j] = 0.0f;
+        continue;
+      }
+      float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < L; ++j) m = std::max(m, s[j]);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < L; ++j) {
+        float e = exp_f32(s[j] - m);
+        s[j] = e;
+        sum += e;
+      }
+      const float inv = 1.0f / sum;
+      if (a.lse) a.lse[(i0 + r) * a.slse] = m + std::log(sum);
+      if (drop) {
+        const uint32_t base = static_cast<uint32_t>((i0 + r) * L);
+#pragma omp simd
+        for (int64_t j = 0; j < L; ++j)
+          s[j] *= inv * keep_scale(a.drop_key, base + static_cast<uint32_t>(j), a.drop_threshold, a.inv_keep);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < L; ++j) s[j] *= inv;
+      }
+      for (int64_t j = L; j < Lp; ++j) s[j] = 0.0f;
+    }
+    rows4_times(S, Lp, V, L, Dp, O);
+    for (int64_t r = 0; r < nr; ++r) {
+      T* orow = o + (i0 + r) * a.so;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) orow[d] = from_f32<T>(O[r * Dp + d]);
+    }
+  }
+}
+
+template <typename T>
+void attn_bwd(const AttnBwdArgs& a) {
+  const int64_t Lq = a.Lq, L = a.L, D = a.D, Lp = up16(L), Dp = up16(D);
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const T* o = static_cast<const T*>(a.o);
+  const T* dout = static_cast<const T*>(a.dout);
+  float* KT = align64(a.work);     // D x Lp
+  float* VT = KT + D * Lp;         // D x Lp
+  float* K = VT + D * Lp;          // L x Dp
+  float* dK = K + up16(L * Dp);    // L x Dp
+  float* dV = dK + up16(L * Dp);   // L x Dp
+  float* S = dV + up16(L * Dp);    // 4 x Lp: scores, then pd
+  float* P = S + 4 * Lp;           // 4 x Lp: dpd, then ds
+  float* Q = P + 4 * Lp;           // 4 x Dp (scaled queries)
+  float* dO = Q + 4 * Dp;          // 4 x Dp
+  float* Ob = dO + 4 * Dp;         // 4 x Dp: o, then dq
+  load_t(k, a.sk, L, D, Lp, KT);
+  load_t(v, a.sv, L, D, Lp, VT);
+  load_rows(k, a.sk, L, D, Dp, 1.0f, K);
+  for (int64_t i = 0; i < L * Dp; ++i) dK[i] = dV[i] = 0.0f;
+  const bool drop = a.drop_threshold != 0;
+  for (int64_t i0 = 0; i0 < Lq; i0 += 4) {
+    const int64_t nr = std::min<int64_t>(4, Lq - i0);
+    load_block(q, a.sq, i0, Lq, D, Dp, a.scale, Q);
+    load_block(dout, a.sdo, i0, Lq, D, Dp, 1.0f, dO);
+    load_block(o, a.so, i0, Lq, D, Dp, 1.0f, Ob);
+    rows4_times_t(Q, Dp, KT, D, Lp, S);
+    rows4_times_t(dO, Dp, VT, D, Lp, P);
+    for (int64_t r = 0; r < 4; ++r) {
+      float* s = S + r * Lp;
+      float* dp = P + r * Lp;
+      if (r >= nr) {
+        for (int64_t j = 0; j < Lp; ++j) s[j] = dp[j] = 0.0f;
+        continue;
+      }
+      float Di = 0.0f;
+      for (int64_t d = 0; d < D; ++d) Di += dO[r * Dp + d] * Ob[r * Dp + d];
+      const float lse = a.lse[(i0 + r) * a.slse];
+      if (drop) {
+        const uint32_t base = static_cast<uint32_t>((i0 + r) * L);
+#pragma omp simd
+        for (int64_t j = 0; j < L; ++j) {
+          float p = exp_f32(s[j] - lse);
+          float keep = keep_scale(a.drop_key, base + static_cast<uint32_t>(j), a.drop_threshold, a.inv_keep);
+          s[j] = p * keep;
+          dp[j] = p * (dp[j] * keep - Di);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < L; ++j) {
+          float p = exp_f32(s[j] - lse);
+          s[j] = p;
+          dp[j] = p * (dp[j] - Di);
+        }
+      }
+      for (int64_t j = L; j < Lp; ++j) s[j] = dp[j] = 0.0f;
+    }
+    // dV[j] += sum_r pd[r][j] dO[r];  dK[j] += sum_r ds[r][j] Q[r] (Q already carries the scale)
+    for (int64_t j = 0; j < L; ++j) {
+      const float p0 = S[j], p1 = S[Lp + j], p2 = S[2 * Lp + j], p3 = S[3 * Lp + j];
+      const float d0 = P[j], d1 = P[Lp + j], d2 = P[2 * Lp + j], d3 = P[3 * Lp + j];
+      for (int64_t c0 = 0; c0 < Dp; c0 += 16) {
+        v16 acc = ld16(dV + j * Dp + c0);
+        acc += p0 * ld16(dO + c0) + p1 * ld16(dO + Dp + c0) + p2 * ld16(dO + 2 * Dp + c0) + p3 * ld16(dO + 3 * Dp + c0);
+        st16(dV + j * Dp + c0, acc);
+        v16 acck = ld16(dK + j * Dp + c0);
+        acck += d0 * ld16(Q + c0) + d1 * ld16(Q + Dp + c0) + d2 * ld16(Q + 2 * Dp + c0) + d3 * ld16(Q + 3 * Dp + c0);
+        st16(dK + j * Dp + c0, acck);
+      }
+    }
+    rows4_times(P, Lp, K, L, Dp, Ob);  // dq / scale
+    T* dq = static_cast<T*>(a.dq);
+    for (int64_t r = 0; r < nr; ++r) {
+      T* row = dq + (i0 + r) * a.sdq;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) row[d] = from_f32<T>(Ob[r * Dp + d] * a.scale);
+    }
+  }
+  T* dk = static_cast<T*>(a.dk);
+  T* dv = static_cast<T*>(a.dv);
+  for (int64_t j = 0; j < L; ++j) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      dk[j * a.sdk + d] = from_f32<T>(dK[j * Dp + d]);
+      dv[j * a.sdv + d] = from_f32<T>(dV[j * Dp + d]);
+    }
+  }
+}
+
+}  // namespace FD_ISA
+}  // namespace fd

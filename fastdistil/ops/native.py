@@ -1,0 +1,219 @@
+"""The ``native`` backend: the C++ kernels of csrc/ (fastdistil._C) behind the op seam, with autograd.
+
+Imported lazily by ops/dispatch.py the first time the native backend is resolved (only once the extension is
+known to import). Each op is a thin layer: float32 and bfloat16 CPU tensors go to C++, any other dtype (float16,
+float64) to the torch reference, so the op never fails where the reference works.
+
+Gradients: attention, layer_norm and bias_gelu have C++ backward kernels (the maths is in the header comments of
+csrc/kernels/*.h); embed_layer_norm's backward recomputes the reference (it runs once per step, on gathered rows).
+Dropout masks come from a counter-based hash of a seed drawn from torch's default generator
+(``torch.manual_seed`` makes them reproducible) and are regenerated in the backward pass, never stored.
+
+Inference: ``encoder_layer`` runs a whole BERT layer (its four GEMMs through ATen's BLAS, QKV as one GEMM over
+the concatenated weight, the rest fused) in one C++ call, so batch-1 latency is not spent in Python.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _C, reference
+from ..padding import gather, unpad
+from .dispatch import register
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _native(*ts) -> bool:
+    """True when every tensor can go to the C++ kernels (float32/bfloat16 on CPU, one dtype)."""
+    d = ts[0].dtype
+    return d in _NATIVE_DTYPES and all(t.device.type == "cpu" and t.dtype == d for t in ts)
+
+
+def _seed() -> int:
+    """A 62-bit dropout seed from torch's default CPU generator."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+class _VarlenAttention(torch.autograd.Function):
+    """o = softmax(scale q k^T) v per sequence (C++ forward saves the fp32 log-sum-exp; C++ backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, max_q, cu_k, max_k, scale, dropout_p, seed):
+        o, lse = _C.varlen_attention_fwd(q, k, v, cu_q, max_q, scale, dropout_p, seed, True, cu_k, max_k)
+        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k if cu_k is not None else cu_q)
+        ctx.cfg = (max_q, cu_k is not None, max_k, scale, dropout_p, seed)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, cross, max_k, scale, dropout_p, seed = ctx.cfg
+        dq, dk, dv = _C.varlen_attention_bwd(do.contiguous(), q, k, v, o, lse, cu_q, max_q, scale, dropout_p, seed,
+                                             cu_k if cross else None, max_k)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _as_heads(t):
+    """(T, H, D) with a unit stride on D (strided views such as the unbind of a fused QKV pass unchanged)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@register("varlen_attention", "native")
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, dropout_p=0.0, softmax_scale=None):
+    if not _native(q, k, v):
+        return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p,
+                                          softmax_scale=softmax_scale)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = _as_heads(q), _as_heads(k), _as_heads(v)
+    seed = _seed() if dropout_p > 0.0 else 0
+    if _needs_grad(q, k, v):
+        return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, None, 0, scale, dropout_p, seed)
+    return _C.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, False)[0]
+
+
+@register("attention", "native")
+def attention(q, k, v, attention_mask=None, *, dropout_p=0.0, softmax_scale=None):
+    """Padded (B, H, L, D) attention through the varlen kernel: every query position (padding included, as in the
+    reference) attends over its row's real keys only, packed once; a row without real keys gives zeros."""
+    if not _native(q, k, v):
+        return reference.attention(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    B, H, L, D = q.shape
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    qt = q.transpose(1, 2).reshape(B * L, H, D)  # (B L, H, D)
+    cu_q = torch.arange(0, (B + 1) * L, L, dtype=torch.int32)
+    if attention_mask is None:
+        kt, vt = k.transpose(1, 2).reshape(B * L, H, D), v.transpose(1, 2).reshape(B * L, H, D)
+        cu_k, max_k = None, 0
+    else:
+        p = unpad(attention_mask.to(q.device), B, L, q.device)
+        kt, vt = gather(k.transpose(1, 2), p), gather(v.transpose(1, 2), p)  # (Tk, H, D)
+        cu_k, max_k = p.cu_seqlens, p.max_seqlen
+    seed = _seed() if dropout_p > 0.0 else 0
+    if _needs_grad(q, k, v):
+        o = _VarlenAttention.apply(qt, kt, vt, cu_q, L, cu_k, max_k, scale, dropout_p, seed)
+    else:
+        o = _C.varlen_attention_fwd(qt, kt, vt, cu_q, L, scale, dropout_p, seed, False, cu_k, max_k)[0]
+    return o.view(B, L, H, D).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------- layer norm
+class _LayerNorm(torch.autograd.Function):
+    """y = LN(dropout(x + input_bias) + residual); saves the pre-norm sum s and fp32 mean/rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, input_bias, eps, dropout_p, seed):
+        y, s, mean, rstd = _C.layer_norm_fwd(x, weight, bias, eps, residual, input_bias, dropout_p, seed, True)
+        ctx.save_for_backward(s, mean, rstd, weight)
+        ctx.cfg = (dropout_p, seed, residual is not None, input_bias is not None, bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        s, mean, rstd, weight = ctx.saved_tensors
+        dropout_p, seed, has_res, has_ib, pdtype = ctx.cfg
+        ds, dx, dw, db, dib = _C.layer_norm_bwd(dy.contiguous(), s, mean, rstd, weight, dropout_p, seed)
+        return (dx, dw.to(weight.dtype), db.to(pdtype), ds if has_res else None,
+                dib.to(pdtype) if has_ib else None, None, None, None)
+
+
+@register("layer_norm", "native")
+def layer_norm(x, weight, bias, eps, residual, *, input_bias=None, dropout_p=0.0):
+    if not _native(x) or (residual is not None and residual.dtype != x.dtype):
+        return reference.layer_norm(x, weight, bias, eps, residual, input_bias=input_bias, dropout_p=dropout_p,
+                                    training=True)
+    seed = _seed() if dropout_p > 0.0 else 0
+    if _needs_grad(x, weight, bias, residual, input_bias):
+        return _LayerNorm.apply(x, weight, bias, residual, input_bias, float(eps), dropout_p, seed)
+    return _C.layer_norm_fwd(x, weight, bias, float(eps), residual, input_bias, dropout_p, seed, False)[0]
+
+
+# ------------------------------------------------------------------------------------------------------- gelu
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, tanh):
+        ctx.save_for_backward(x, bias)
+        ctx.tanh = tanh
+        return _C.bias_gelu_fwd(x, bias, tanh)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, db = _C.bias_gelu_bwd(dy.contiguous(), x, bias, ctx.tanh)
+        return dx, db.to(bias.dtype), None
+
+
+@register("bias_gelu", "native")
+def bias_gelu(x, bias, *, approximate="none"):
+    if not _native(x):
+        return reference.bias_gelu(x, bias, approximate)
+    tanh = approximate == "tanh"
+    if _needs_grad(x, bias):
+        return _BiasGelu.apply(x, bias, tanh)
+    return _C.bias_gelu_fwd(x, bias, tanh)
+
+
+# -------------------------------------------------------------------------------------------------- embeddings
+class _EmbedLayerNorm(torch.autograd.Function):
+    """C++ forward; the backward recomputes the reference on the same rows (autograd of gather + LN)."""
+
+    @staticmethod
+    def forward(ctx, ids, tt, pos, word, posw, typew, ln_w, ln_b, eps):
+        ctx.save_for_backward(ids, tt, pos, word, posw, typew, ln_w, ln_b)
+        ctx.eps = eps
+        return _C.embed_layer_norm_fwd(ids, tt, pos, word, posw, typew, ln_w, ln_b, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        ids, tt, pos, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(need) for p, need in zip(params, ctx.needs_input_grad[3:8])]
+            y = reference.embed_layer_norm(ids, tt, pos, *leaves, ctx.eps)
+            wanted = [p for p in leaves if p.requires_grad]
+            got = iter(torch.autograd.grad(y, wanted, dy)) if wanted else iter(())
+        return (None, None, None, *[next(got) if p.requires_grad else None for p in leaves], None)
+
+
+@register("embed_layer_norm", "native")
+def embed_layer_norm(ids, tt, pos, word, posw, typew, ln_w, ln_b, eps):
+    if not _native(word, posw, typew):
+        return reference.embed_layer_norm(ids, tt, pos, word, posw, typew, ln_w, ln_b, eps)
+    if _needs_grad(word, posw, typew, ln_w, ln_b):
+        return _EmbedLayerNorm.apply(ids, tt, pos, word, posw, typew, ln_w, ln_b, float(eps))
+    return _C.embed_layer_norm_fwd(ids, tt, pos, word, posw, typew, ln_w, ln_b, float(eps))
+
+
+# ------------------------------------------------------------------------------------------ whole layer (inference)
+def _layer_weights(layer):
+    """The 12 tensors of encoder_layer, cached on the layer while its fused QKV weight is unchanged (the list holds
+    the Parameter objects, so in-place updates of the other weights are seen without a rebuild)."""
+    w, b = layer.qkv_weight()
+    cache = getattr(layer, "_native_weights", None)
+    if cache is None or cache[0] is not w:
+        a, o = layer.attention["output"], layer.output
+        ws = [w, b, a["dense"].weight, a["dense"].bias, a["LayerNorm"].weight, a["LayerNorm"].bias,
+              layer.intermediate["dense"].weight, layer.intermediate["dense"].bias, o["dense"].weight, o["dense"].bias,
+              o["LayerNorm"].weight, o["LayerNorm"].bias]
+        ok = all(t.dtype == w.dtype and t.is_contiguous() for t in ws) and w.dtype in _NATIVE_DTYPES
+        cache = (w, ws if ok else None, (a["LayerNorm"].eps, o["LayerNorm"].eps))
+        layer._native_weights = cache
+    return cache[1], cache[2]
+
+
+@register("encoder_layer", "native")
+def encoder_layer(layer, x, p):
+    """One inference layer in one C++ call (eval mode, no autograd, no taps; the model checks that)."""
+    ws, (eps1, eps2) = _layer_weights(layer)
+    if ws is None or x.dtype != ws[0].dtype or not x.is_contiguous():
+        return layer.forward_ops(x, p)
+    return _C.encoder_layer(x, ws, p.cu_seqlens, p.max_seqlen, layer.n_head, eps1, eps2,
+                            layer.gelu_approximate == "tanh")
+
+
+__all__ = ["varlen_attention", "attention", "layer_norm", "bias_gelu", "embed_layer_norm", "encoder_layer"]
