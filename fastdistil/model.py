@@ -68,6 +68,11 @@ class Layer(nn.Module):
         return self._qkv_cache[1], self._qkv_cache[2]
 
     def forward(self, x, p: Packing, tap: dict | None = None):  # x (T, d)
+        if tap is None and not self.training and not torch.is_grad_enabled():  # inference: a backend may run
+            return ops.dispatch.lookup("encoder_layer", x.device)(self, x, p)  # the whole layer in one call
+        return self.forward_ops(x, p, tap)
+
+    def forward_ops(self, x, p: Packing, tap: dict | None = None):  # x (T, d): the layer as a sequence of ops
         T, d = x.shape
         H, D = self.n_head, self.head_dim
         drop = self.training
@@ -87,6 +92,9 @@ class Layer(nn.Module):
         x = ops.linear_layer_norm(h, f["dense"].weight, f["dense"].bias, x, f["LayerNorm"].weight, f["LayerNorm"].bias,
                                   f["LayerNorm"].eps, dropout_p=p_drop)  # (T, d)
         return x
+
+
+ops.dispatch.register("encoder_layer", "torch")(lambda layer, x, p: layer.forward_ops(x, p))
 
 
 class Pooler(nn.Module):
