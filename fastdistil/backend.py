@@ -73,7 +73,15 @@ def _native_status() -> tuple[bool, str]:
         from . import _C  # noqa: F401
     except ImportError as e:  # the extension was not built (no compiler) or does not match this torch
         return False, f"the C++ extension fastdistil._C is not built ({e}); reinstall with a C++ compiler present"
-    return True, "C++ extension fastdistil._C built"
+    return True, f"C++ extension fastdistil._C built ({_C.isa()} kernels)"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_native() -> None:
+    """Once per process: CPU ops fall back to torch because the extension is missing."""
+    import warnings
+    warnings.warn(f"fastdistil: {_native_status()[1]}; CPU ops run on the slower torch backend", RuntimeWarning,
+                  stacklevel=4)
 
 
 @torch.compiler.assume_constant_result
@@ -84,7 +92,10 @@ def _triton_ok() -> bool:
 
 @torch.compiler.assume_constant_result
 def _native_ok() -> bool:
-    """`_native_status()[0]`, a constant to torch.compile (dynamo cannot trace the import probe behind it)."""
+    """`_native_status()[0]`, a constant to torch.compile (dynamo cannot trace the import probe behind it);
+    warns once when the CPU falls back to torch."""
+    if not _native_status()[0]:
+        _warn_no_native()
     return _native_status()[0]
 
 
