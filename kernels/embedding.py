@@ -176,8 +176,9 @@ def embed_bwd(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd):
     types = triton.next_power_of_2(n_types) if in_regs else 1
     f32 = dict(device=dy.device, dtype=torch.float32)
     dx = torch.empty(T, N, **f32)
-    dw_part, db_part = torch.zeros(P, N, **f32), torch.zeros(P, N, **f32)
-    dtype_part = torch.zeros(P, types, N, **f32)
+    alloc = torch.empty if T else torch.zeros  # every program writes all its partial rows
+    dw_part, db_part = alloc(P, N, **f32), alloc(P, N, **f32)
+    dtype_part = alloc(P, types, N, **f32)
     if T:
         _embed_bwd[(P,)](dy, dy.stride(0), ids, tt, pos, word, word.stride(0), type_w, type_w.stride(0), pos_w,
                          pos_w.stride(0), ln_w, mean, rstd, dx, dw_part, db_part, dtype_part, T, N, per,

@@ -126,7 +126,8 @@ def bias_gelu_bwd(dh, x, bias, approximate="none"):
     P = _row_programs(M, x.device, strips, bm)
     per = triton.cdiv(triton.cdiv(M, P), bm) * bm if M else bm
     P = triton.cdiv(M, per) if M else 1
-    part = torch.zeros(P, N, device=x.device, dtype=torch.float32)
+    alloc = torch.empty if M and N else torch.zeros  # every program writes its partial row and strip
+    part = alloc(P, N, device=x.device, dtype=torch.float32)
     if M and N:
         _bias_gelu_bwd[(P, strips)](dh, dh.stride(0), x, x.stride(0), bias, dx, dx.stride(0), part, M, N, per,
                                    TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn, num_warps=_BWD["num_warps"])
