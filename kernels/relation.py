@@ -20,7 +20,8 @@ Interpreter workaround (Triton 3.9): bf16 `tl.dot` multiplies raw bit patterns i
 triton-lang/triton#11584), so the launchers set DOT_F32=True when TRITON_INTERPRET=1 and the inputs are bf16:
 tiles are upcast to fp32 before every dot there. On a GPU DOT_F32 is False (fp16/bf16 tensor-core dots with fp32
 accumulation); fp32 inputs use input_precision="ieee" (no TF32) so fp32 results match the reference.
-Limits: relation-head dims up to 256 (one register tile per row block).
+Limits: relation-head widths up to 128 (MAX_HEAD_DIM; one register tile per row block). Tiles by dtype and
+width in _CONFIGS, all built spill-free by `fastdistil check-kernels` (sm_80, sm_90).
 """
 from __future__ import annotations
 
@@ -275,17 +276,19 @@ def _relation_bwd_db_kernel(
         g = tl.where(real_m, g * scale_s, 0.0)
         a_t = _tile(AT, bat, offs_m, in_m, sat_l, DT, BLOCK_DT, DOT_F32)
         a_s = _tile(AS, bas, offs_m, in_m, sas_l, DS, BLOCK_DS, DOT_F32)
-        s_t = tl.dot(a_t, tl.trans(b_t), input_precision=PREC) * scale_t  # (BLOCK_M, BLOCK_N)
-        s_s = tl.dot(a_s, tl.trans(b_s), input_precision=PREC) * scale_s
-        ok = real_m[:, None] & real_n[None, :]
-        p_t = tl.where(ok, tl.exp(s_t - lse_t[:, None]), 0.0)
-        p_s = tl.where(ok, tl.exp(s_s - lse_s[:, None]), 0.0)
+        # Transposed relation blocks (keys x queries), as FlashAttention-2 computes dK: the gradient dot then takes
+        # dS^T directly, with no transpose of a computed fp32 tile (that one spilled heavily for fp32 on sm_80/90).
+        s_tT = tl.dot(b_t, tl.trans(a_t), input_precision=PREC) * scale_t  # (BLOCK_N, BLOCK_M)
+        s_sT = tl.dot(b_s, tl.trans(a_s), input_precision=PREC) * scale_s
+        okT = real_n[:, None] & real_m[None, :]
+        p_tT = tl.where(okT, tl.exp(s_tT - lse_t[None, :]), 0.0)
+        p_sT = tl.where(okT, tl.exp(s_sT - lse_s[None, :]), 0.0)
         # g varies along the streamed rows, so it cannot be applied after the dot: normalise it by the block's
         # largest |g| (a mean's 1/(R*N) would underflow fp16 once multiplied by small dp) and scale back in fp32.
         g_ref = tl.max(tl.abs(g), axis=0)
         g_ref = tl.where(g_ref > 0.0, g_ref, 1.0)
-        ds = (g / g_ref)[:, None] * (p_s - p_t)
-        db += g_ref * tl.dot(tl.trans(ds.to(a_s.dtype)), a_s, input_precision=PREC)
+        dsT = (g / g_ref)[None, :] * (p_sT - p_tT)  # (BLOCK_N, BLOCK_M)
+        db += g_ref * tl.dot(dsT.to(a_s.dtype), a_s, input_precision=PREC)
     d = tl.arange(0, BLOCK_DS)
     tl.store(DB + bdb + offs_n[:, None].to(tl.int64) * sdb_l + d[None, :], db.to(DB.dtype.element_ty),
              mask=in_n[:, None] & (d[None, :] < DS))
@@ -296,11 +299,30 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _config(dt: int, ds: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): 64 x 64 tiles, 32-row blocks for wide relation heads (registers)."""
-    if max(dt, ds) > 128:
-        return 32, 32, 4
-    return 64, 64, 4
+# Tile configurations (BLOCK_M, BLOCK_N, num_warps) by dtype class, kernel and the summed padded relation-head
+# widths S = BLOCK_DT + BLOCK_DS. Chosen from spill-free builds for sm_80 and sm_90 with Triton 3.9: this kernel
+# keeps two relation tiles (teacher and student) live where FlashAttention keeps one, so its tiles are smaller;
+# fp32 uses ieee FMA dots whose operands live in registers, hence the smallest tiles.
+_TIERS = (96, 128, 256)  # S at most; relation-head widths are capped at 128 (BLOCK_D <= 128)
+_CONFIGS = {
+    ("16bit", "fwd"): ((64, 64, 4), (64, 64, 4), (32, 32, 4)),
+    ("16bit", "bwd"): ((64, 64, 4), (32, 32, 4), (32, 32, 8)),
+    ("fp32", "fwd"): ((32, 32, 4), (32, 32, 8), (16, 16, 4)),
+    ("fp32", "bwd"): ((32, 32, 4), (32, 32, 8), (16, 16, 4)),
+}
+MAX_HEAD_DIM = 128
+
+
+def _config(dt: int, ds: int, dtype_class: str, kind: str) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for relation-head widths dt, ds; dtype_class "16bit" or "fp32";
+    kind "fwd" or "bwd" (both backward kernels share one configuration)."""
+    width = _block_d(dt) + _block_d(ds)
+    tier = next(i for i, t in enumerate(_TIERS) if width <= t)
+    return _CONFIGS[(dtype_class, kind)][tier]
+
+
+def _dtype_class(dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
 
 
 def _prec(dtype) -> str:
@@ -351,7 +373,9 @@ def relation_forward(a_s, b_s, a_t, b_t, scale_s: float, scale_t: float, cu_seql
     lse_t, lse_s = torch.empty_like(kl), torch.empty_like(kl)
     if N == 0 or B == 0 or L == 0:
         return kl.zero_(), lse_t.zero_(), lse_s.zero_()
-    bm, bn, warps = _config(Dt, Ds)
+    if max(Dt, Ds) > MAX_HEAD_DIM:
+        raise ValueError(f"relation-head widths up to {MAX_HEAD_DIM} are supported, got teacher {Dt}, student {Ds}")
+    bm, bn, warps = _config(Dt, Ds, _dtype_class(a_s.dtype), "fwd")
     cu, mk = _aux(cu_seqlens if varlen else None, mask, a_s.device)
     grid = (triton.cdiv(L, bm), B, R)
     _relation_fwd_kernel[grid](
@@ -378,7 +402,7 @@ def relation_backward(grad_kl, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s: float,
     B, L, N, varlen = _geometry(a_s, cu_seqlens, max_seqlen)
     R, Ds, Dt = a_s.shape[-2], a_s.shape[-1], a_t.shape[-1]
     g = grad_kl if grad_kl.dtype == torch.float32 else grad_kl.float()
-    bm, bn, warps = _config(Dt, Ds)
+    bm, bn, warps = _config(Dt, Ds, _dtype_class(a_s.dtype), "bwd")
     consts = dict(DT=Dt, DS=Ds, BLOCK_DT=_block_d(Dt), BLOCK_DS=_block_d(Ds), BLOCK_M=bm, BLOCK_N=bn,
                   VARLEN=varlen, HAS_MASK=mask is not None, DOT_F32=_dot_f32(a_s.dtype), PREC=_prec(a_s.dtype),
                   num_warps=warps)
@@ -406,9 +430,10 @@ def relation_backward(grad_kl, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s: float,
 
 # ------------------------------------------------------------------------------------------- protocol
 _TY = ("fp16", "bf16", "fp32")
-# (teacher relation-head dim, student relation-head dim): MiniLM v1 (64, 32); MiniLMv2 with 12 relation heads
-# (64, 32), with 48 relation heads on base/large teachers (16, 8) and (16, 16); self-relations of equal widths.
-_DIMS = ((64, 32), (32, 32), (64, 64), (16, 8), (16, 16))
+# (teacher, student) relation-head widths: MiniLM v1 / MiniLMv2 with 12 relation heads on a base teacher and a
+# 384-wide student (64, 32); 48 relation heads (16, 8); equal widths (32, 32), (64, 64); wide heads (128, 128),
+# (128, 32). Together they reach every tile configuration of every tier in _CONFIGS.
+_DIMS = ((64, 32), (32, 32), (16, 8), (64, 64), (128, 128), (128, 32))
 
 
 def _signature(ty: str, kind: str) -> dict:
@@ -430,15 +455,21 @@ def _signature(ty: str, kind: str) -> dict:
     return sig
 
 
+# Arguments the JIT launcher sees 16-divisible for aligned tensors of the model's shapes (pointers, row strides:
+# 3*d of a fused QKV view or H*D; relation-head strides of 16-wide multiples).
+_ALIGNED = {k: ("AT", "BT", "AS", "BS", "LSE_T", "LSE_S", "sat_l", "sbt_l", "sas_l", "sbs_l")
+            + {"fwd": ("KL",), "da": ("DA", "sda_l"), "db": ("DB", "sdb_l")}[k] for k in ("fwd", "da", "db")}
+
+
 def compile_specs() -> list[CompileSpec]:
     """dtype x (Dt, Ds) x {varlen, padded+mask} x {fwd, dA, dB}, with the launchers' own tile choice."""
     kernels = {"fwd": _relation_fwd_kernel, "da": _relation_bwd_da_kernel, "db": _relation_bwd_db_kernel}
     specs = []
     for ty in _TY:
         for dt, ds in _DIMS:
-            bm, bn, warps = _config(dt, ds)
             for varlen, has_mask in ((True, False), (False, True), (False, False)):
                 for kind, fn in kernels.items():
+                    bm, bn, warps = _config(dt, ds, "fp32" if ty == "fp32" else "16bit", "fwd" if kind == "fwd" else "bwd")
                     consts = {"DT": dt, "DS": ds, "BLOCK_DT": _block_d(dt), "BLOCK_DS": _block_d(ds),
                               "BLOCK_M": bm, "BLOCK_N": bn, "VARLEN": varlen, "HAS_MASK": has_mask,
                               "DOT_F32": False, "PREC": "ieee" if ty == "fp32" else "tf32"}
@@ -446,26 +477,29 @@ def compile_specs() -> list[CompileSpec]:
                         fn.__name__, fn, _signature(ty, kind), consts,
                         f"{ty} Dt={dt} Ds={ds} {'varlen' if varlen else 'padded+mask' if has_mask else 'padded'} "
                         f"{kind}",
-                        num_warps=warps, num_stages=2, expect_tensor_cores=ty != "fp32"))
+                        num_warps=warps, num_stages=2, expect_tensor_cores=ty != "fp32",
+                        extra={"ieee": ty == "fp32", "divisible_by_16": _ALIGNED[kind]}))
     return specs
 
 
-def cost(batch: int, seqlen: int, relation_heads: int, dt: int, ds: int, elem_bytes: int = 2,
-         backward: bool = True) -> list[Cost]:
-    """One relation KL over `batch` sequences of `seqlen` tokens (padded-equivalent lengths).
+def cost(seqlens, relation_heads: int, dt: int, ds: int, elem_bytes: int = 2, backward: bool = True) -> list[Cost]:
+    """One relation KL over sequences of lengths `seqlens` (packed; a padded batch: its padded lengths).
 
-    Forward: two relation GEMMs per head (2*L*L*(Dt+Ds) FLOPs) plus ~12 vector ops per L x L element;
-    reads the four inputs once (per query block they are re-read from L2, not HBM, at these sizes), writes 3 x
-    R x N fp32. Backward: dA and dB kernels each recompute both relation GEMMs and add one gradient GEMM.
+    Forward: two relation GEMMs per head and sequence (2 * L^2 * (Dt + Ds) FLOPs, tensor cores) plus ~12 vector
+    ops per L x L element (exp, max, sums; listed as a separate zero-byte entry at the vector rate); it reads the
+    four inputs once (re-reads per query block hit L2 at these sizes) and writes 3 x R x T fp32. Backward: the dA
+    and dB kernels each recompute both relation GEMMs, add one gradient GEMM, and write one input gradient.
     """
-    n = float(batch) * seqlen
-    e = float(batch) * relation_heads * seqlen * seqlen  # L x L elements over all heads and sequences
+    lens = [int(x) for x in seqlens]
+    n = float(sum(lens))
+    e = float(relation_heads) * sum(x * x for x in lens)  # L x L elements over all heads and sequences
     io = elem_bytes * n * relation_heads * 2 * (dt + ds)
-    out = [Cost("relation.fwd", 2.0 * e * (dt + ds), io + 12.0 * relation_heads * n, 1, True),
+    stats = 4.0 * relation_heads * n
+    out = [Cost("relation.fwd", 2.0 * e * (dt + ds), io + 3 * stats, 1, True),
            Cost("relation.fwd.vector", 12.0 * e, 0.0, 0, False)]
     if backward:
         for k in ("dA", "dB"):
-            out.append(Cost(f"relation.bwd.{k}", 2.0 * e * (dt + 2 * ds), io + elem_bytes * n * relation_heads * ds
-                            + 12.0 * relation_heads * n, 1, True))
+            out.append(Cost(f"relation.bwd.{k}", 2.0 * e * (dt + 2 * ds),
+                            io + elem_bytes * n * relation_heads * ds + 3 * stats, 1, True))
             out.append(Cost(f"relation.bwd.{k}.vector", 10.0 * e, 0.0, 0, False))
     return out

@@ -81,10 +81,10 @@ def test_padded_mask_self_relation(dtype):
 
 
 def test_padded_without_mask_and_wide_heads():
-    """No mask; relation-head width 160 (> 128: the 32 x 32 tile configuration)."""
+    """No mask; relation-head widths 128 and 96 (the widest tier: 16 x 16 tiles in fp32)."""
     B, L = 2, 40
-    a_s, b_s = torch.randn(B, L, 160), torch.randn(B, L, 160)
-    a_t, b_t = torch.randn(B, L, 2, 80), torch.randn(B, L, 2, 80)
+    a_s, b_s = torch.randn(B, L, 128), torch.randn(B, L, 128)
+    a_t, b_t = torch.randn(B, L, 2, 48), torch.randn(B, L, 2, 48)
     g = torch.randn(1, B * L)
     kl, da, db = _run(a_s, b_s, a_t, b_t, g, "triton", num_relation_heads=1)
     kl64, da64, db64 = _run(a_s, b_s, a_t, b_t, g, "torch", num_relation_heads=1)
@@ -202,14 +202,27 @@ def test_compiles_fullgraph():
     _close(a_s.grad, d64, torch.float32, grad=True)
 
 
-def test_specs_and_cost():
+def test_specs_cover_every_launcher_choice_and_cost():
     from fastdistil.kernels import relation as K
     specs = K.compile_specs()
     names = {sp.name for sp in specs}
     assert names == {"_relation_fwd_kernel", "_relation_bwd_da_kernel", "_relation_bwd_db_kernel"}
     for sp in specs:  # every signature names exactly the kernel's parameters
         assert list(sp.signature) == list(sp.fn.arg_names), sp.config
-    c = K.cost(32, 128, 12, 64, 32)
+    built = {(sp.name, sp.signature["AS"], sp.constexprs["BLOCK_M"], sp.constexprs["BLOCK_N"], sp.num_warps,
+              sp.constexprs["VARLEN"], sp.constexprs["HAS_MASK"]) for sp in specs}
+    kinds = {"_relation_fwd_kernel": "fwd", "_relation_bwd_da_kernel": "bwd", "_relation_bwd_db_kernel": "bwd"}
+    for dt in range(1, K.MAX_HEAD_DIM + 1, 7):
+        for ds in range(1, K.MAX_HEAD_DIM + 1, 5):
+            for ty in ("*fp16", "*bf16", "*fp32"):
+                for name, kind in kinds.items():
+                    cfg = K._config(dt, ds, "fp32" if ty == "*fp32" else "16bit", kind)
+                    for mode in ((True, False), (False, True), (False, False)):
+                        assert (name, ty, *cfg, *mode) in built, (dt, ds, ty, name, mode)
+    x = torch.randn(4, 2 * 129)
+    with fastdistil.use_backend("triton"), pytest.raises(ValueError, match="up to 128"):
+        relation_kl_rows(x, x, x, x, num_relation_heads=2, cu_seqlens=_cu([4]), max_seqlen=4)
+    c = K.cost([128] * 32, 12, 64, 32)
     fwd = next(x for x in c if x.name == "relation.fwd")
     assert fwd.flops == 2.0 * 32 * 12 * 128 * 128 * (64 + 32)
     assert fwd.bytes < 32 * 12 * 128 * 128 * 4  # less than ONE fp32 L x L relation tensor: nothing L x L moves

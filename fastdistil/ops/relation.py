@@ -170,9 +170,11 @@ _rel_fwd_op.register_autograd(_rel_backward, setup_context=_rel_setup)
 def _relation_triton(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask):
     if a_s.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
         return _relation_torch(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask)
-    if a_s.shape[-1] > 256 or a_t.shape[-1] > 256:
-        raise ValueError(f"relation-head widths up to 256 are supported by the fused kernel, got student "
-                         f"{a_s.shape[-1]}, teacher {a_t.shape[-1]}: use more relation heads")
+    from ..kernels.relation import MAX_HEAD_DIM
+    if a_s.shape[-1] > MAX_HEAD_DIM or a_t.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"the fused relation kernel supports relation-head widths up to {MAX_HEAD_DIM}, got "
+                         f"student {a_s.shape[-1]}, teacher {a_t.shape[-1]}: use more relation heads (or the torch "
+                         "backend)")
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32)
     m = None if mask is None else (mask != 0).to(torch.int8).contiguous()
     L = int(max_seqlen) if cu is not None else a_s.shape[1]
