@@ -203,6 +203,8 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, input_bias=None, dropout
     rstd = torch.empty_like(mean)
     has_res, has_ib, has_drop = residual is not None, input_bias is not None, dropout_p > 0.0
     res = residual if has_res else x
+    if M == 0:
+        return y, (z if store_z else None), mean, rstd
     _ln_fwd[(triton.cdiv(M, rows),)](
         x, x.stride(0), res, res.stride(0), input_bias if has_ib else weight, weight, bias, y, y.stride(0),
         z, z.stride(0), mean, rstd, seed if has_drop else mean, M, N, float(dropout_p), float(eps),
