@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 import multiprocessing
@@ -74,14 +75,14 @@ def collect(kernel: str | None = None, match: str | None = None, modules=None) -
 
     Args:
         kernel: keep one kernel module (e.g. 'attention') or kernel name (e.g. 'attention_fwd'); None keeps all.
-        match: keep specs whose config label contains this substring.
+        match: keep specs whose config label matches this regular expression (re.search).
         modules: kernel module names or dotted paths; defaults to fastdistil.kernels.KERNEL_MODULES.
     """
     out = []
     names = tuple(modules) if modules is not None else _kernel_modules()
     for module in names:
         for i, spec in enumerate(_specs(module)):
-            if (kernel is None or kernel in (module, spec.name)) and (match is None or match in spec.config):
+            if (kernel is None or kernel in (module, spec.name)) and (match is None or re.search(match, spec.config)):
                 out.append((module, i, spec))
     if kernel is not None and not any(kernel in (m, s.name) for m in names for s in _specs(m)):
         known = sorted(set(names) | {s.name for m in names for s in _specs(m)})
@@ -156,13 +157,21 @@ def build(module: str, index: int, arch: int) -> BuildResult:
         r.error = "; ".join(problems)
     except Exception as e:  # a failed build is a result row, not a crash of the whole check
         r.ok = False
-        r.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        where = f" ({lines[0]})" if len(lines) > 1 else ""
+        r.error = f"{type(e).__name__}: {lines[-1] if lines else ''}{where}"[:300]
     r.seconds = round(time.perf_counter() - t0, 2)
     return r
 
 
 def _build_args(args):
     return build(*args)
+
+
+def _worker_init():
+    # Triton 3.9 warns once per process that TRITON_DEFAULT_FP_FUSION is unset; the default (fusion on) is what
+    # the JIT uses too, so the builds match and the warning is noise here.
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 
 def run_builds(archs=DEFAULT_ARCHS, kernel: str | None = None, jobs: int = 2, progress=None, match: str | None = None,
@@ -183,7 +192,7 @@ def run_builds(archs=DEFAULT_ARCHS, kernel: str | None = None, jobs: int = 2, pr
     saved = os.environ.pop("TRITON_INTERPRET", None)  # workers must import real @triton.jit kernels
     try:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as ex:
+        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx, initializer=_worker_init) as ex:
             results = []
             for r in ex.map(_build_args, work, chunksize=1):
                 results.append(r)

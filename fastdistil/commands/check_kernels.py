@@ -12,7 +12,7 @@ def add_parser(sub):
     p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     p.add_argument("--json", action="store_true", help="print one JSON list of build results instead of a table")
     p.add_argument("--kernel", default=None, help="only this kernel module (e.g. attention) or kernel name")
-    p.add_argument("--match", default=None, help="only configs whose label contains this text (e.g. 'hd=32 fp16')")
+    p.add_argument("--match", default=None, help="only configs whose label matches this regular expression (e.g. 'hd=32 fp16')")
     p.add_argument("--jobs", type=int, default=2, help="parallel build processes (default 2)")
     return p
 
