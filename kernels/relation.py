@@ -37,8 +37,8 @@ _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": no inf - inf = nan in t
 
 
 @triton.jit
-def _seq_bounds(CU, MASK, b, L, VARLEN: tl.constexpr):
-    """(first packed row of sequence b or b*L, its length for the loops)."""
+def _seq_bounds(CU, b, L, VARLEN: tl.constexpr):
+    """(row of sequence b's first token in the packed / flattened (B*L) order, its length for the loops)."""
     if VARLEN:
         start = tl.load(CU + b).to(tl.int64)
         seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
@@ -80,7 +80,7 @@ def _relation_fwd_kernel(
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     r = tl.program_id(2).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, MASK, b, L, VARLEN)
+    start, seqlen = _seq_bounds(CU, b, L, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
     if VARLEN:
@@ -170,7 +170,7 @@ def _relation_bwd_da_kernel(
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     r = tl.program_id(2).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, MASK, b, L, VARLEN)
+    start, seqlen = _seq_bounds(CU, b, L, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
     if VARLEN:
@@ -240,7 +240,7 @@ def _relation_bwd_db_kernel(
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     r = tl.program_id(2).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, MASK, b, L, VARLEN)
+    start, seqlen = _seq_bounds(CU, b, L, VARLEN)
     if pid_n * BLOCK_N >= seqlen:
         return
     if VARLEN:

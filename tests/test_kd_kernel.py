@@ -159,3 +159,10 @@ def test_kd_cost_and_specs_cover_launcher_choices():
     c = K.cost(4096, 30522, 2)
     assert [x.name for x in c] == ["kd.fwd", "kd.bwd"]
     assert c[0].bytes >= 2 * 2 * 4096 * 30522 and c[1].bytes >= 3 * 2 * 4096 * 30522
+
+
+def test_kd_custom_op_registration():
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT dispatch."""
+    from fastdistil.ops import kd as op
+    s, t = torch.randn(4, 50, requires_grad=True), torch.randn(4, 50)
+    torch.library.opcheck(op._kd_fwd_op, (s, t, 2.0, torch.tensor([1, 0, 1, 1], dtype=torch.int8)))

@@ -278,3 +278,18 @@ def test_memory_at_batch_32x128_is_under_a_tenth_of_the_materialised_reference()
     assert fused_saved <= 2 * R * T * 4
     assert ref_saved >= 2 * LL * 4  # at least two fp32 (B, R, L, L) tensors
     assert 10 * (fused_alloc + fused_saved) <= ref_saved, (fused_alloc, fused_saved, ref_alloc, ref_saved)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_custom_op_registration(packed):
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT dispatch."""
+    from fastdistil.ops import relation as op
+    if packed:
+        a, b = torch.randn(20, 2, 8, requires_grad=True), torch.randn(20, 2, 8, requires_grad=True)
+        args = (a, b, torch.randn(20, 2, 16), torch.randn(20, 2, 16), 0.3, 0.25,
+                torch.tensor([0, 3, 20], dtype=torch.int32), 17, None)
+    else:
+        a = torch.randn(2, 9, 2, 8, requires_grad=True)
+        mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.int8)
+        args = (a, a, torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16), 0.3, 0.25, None, 9, mask)
+    torch.library.opcheck(op._rel_fwd_op, args)
