@@ -407,8 +407,9 @@ def saved_bytes(fn) -> int:
 
 
 class DistillEngine(Engine):
-    """One fastdistil.distill Distiller step (recipe minilmv2): BERT-base-shaped teacher (12 x 768, random
-    weights) and the workload's student (the reference weights), on one backend."""
+    """One fastdistil.distill Distiller step (recipe minilmv2, as many relation heads as the student has heads):
+    a BERT-base-shaped teacher (12 x 768, random weights; 2 x twice the width for the tiny smoke-test model) and
+    the workload's student (the reference weights), on one backend."""
     family = "fastdistil"
     kind = "distill"
 
@@ -423,9 +424,12 @@ class DistillEngine(Engine):
         from ..model import FastStudent
         student = FastStudent.from_hf(hf_model(ctx, "eager")).to(ctx.device).train()
         tc = ctx.scratch.get("teacher_state")
-        tcfg = FastStudentConfig(vocab_size=ctx.hf_config.vocab_size, hidden_size=768, num_hidden_layers=12,
-                                 num_attention_heads=12, intermediate_size=3072,
-                                 max_position_embeddings=ctx.hf_config.max_position_embeddings)
+        c = ctx.hf_config
+        big = c.hidden_size >= 384  # BERT-base-shaped teacher; a small one for the tiny smoke-test student
+        tcfg = FastStudentConfig(vocab_size=c.vocab_size, hidden_size=768 if big else 2 * c.hidden_size,
+                                 num_hidden_layers=12 if big else 2, num_attention_heads=12 if big else
+                                 c.num_attention_heads, intermediate_size=3072 if big else 8 * c.hidden_size,
+                                 max_position_embeddings=c.max_position_embeddings)
         torch.manual_seed(0)
         teacher = FastStudent(tcfg)
         if tc is None:
@@ -434,7 +438,7 @@ class DistillEngine(Engine):
             teacher.load_state_dict(tc)
         teacher = teacher.to(ctx.device)
         try:
-            recipe = build_recipe("minilmv2", teacher, student)
+            recipe = build_recipe("minilmv2", teacher, student, relation_heads=c.num_attention_heads)
         except (ValueError, TypeError) as e:
             raise Skip(f"fastdistil.distill cannot build the minilmv2 recipe here: {e}") from None
         with use_backend(self.backend):

@@ -212,8 +212,10 @@ def run(workloads, *, device="cpu", engines=None, rounds=5, threads=None, model=
     return result
 
 
-def _fmt(v, spec, missing="-"):
-    return missing if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+def _fmt(v, spec, missing="-", suffix=""):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return missing
+    return format(v, spec) + suffix
 
 
 def format_table(wres: dict) -> list[str]:
@@ -234,7 +236,7 @@ def format_table(wres: dict) -> list[str]:
         if "loss" in r:
             extra += f" loss {r['loss']:.4f}"
         lines.append(f"{r['engine']:<26} {r['median_ms']:>10.2f} {spread:>17} {r['tokens_per_s']:>11,.0f} "
-                     f"{_fmt(r.get('ratio_vs_sdpa'), '.2f'):>7}x {_fmt(r.get('max_abs_diff'), '.2e'):>12}  "
+                     f"{_fmt(r.get('ratio_vs_sdpa'), '.2f', suffix='x'):>8} {_fmt(r.get('max_abs_diff'), '.2e'):>12}  "
                      f"{'yes' if r.get('agrees') else 'NO'}{extra}")
     return lines
 
