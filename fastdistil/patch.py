@@ -10,7 +10,8 @@ for a subclass (same ``__name__``) whose ``forward`` calls the same ops as FastS
 whatever backend is selected (torch, triton, native) runs here unchanged:
 
 - embeddings  -> ``ops.embed_layer_norm`` (word + position + type gather, sum, LayerNorm in one op);
-- each layer  -> one QKV GEMM, ``ops.attention`` (padded, key mask) or ``ops.varlen_attention`` (packed),
+- each layer  -> in inference on the packed route, the ``encoder_layer`` op as FastStudent calls it (native runs
+  the whole layer in one C++ call); otherwise one QKV GEMM, ``ops.attention`` (padded, key mask) or ``ops.varlen_attention`` (packed),
   ``ops.linear_layer_norm`` (GEMM + bias + dropout + residual + LayerNorm) after attention and FFN,
   ``ops.linear_gelu`` (GEMM + bias + GELU) into the FFN; the epilogues are fused where the backend fuses them;
 - the encoder -> padding-free: unpad once at entry, every layer on the (T, d) real tokens, pad once at exit
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .ops.checks import FLOAT_DTYPES
+from .ops.dispatch import lookup
 from .padding import Packing, gather, pad, unpad
 
 __all__ = ["patch", "unpatch", "patch_sentence_transformer", "is_patched"]
@@ -132,6 +134,38 @@ def _layer_compute(layer: nn.Module, x: torch.Tensor, where) -> torch.Tensor:
     return _dense_layer_norm(layer.output, h, x)  # (..., d)
 
 
+class _LayerView:
+    """FastStudent's Layer, as the ``encoder_layer`` op sees it (a backend may run a whole inference layer in one
+    call: native does), over an HF layer's own modules. Built per call, so it never outlives a swapped submodule;
+    nothing is copied (the fused QKV weight is the cached one of :func:`_qkv_weight`)."""
+
+    training = False
+
+    def __init__(self, layer: nn.Module):
+        a = layer.attention
+        self.hf = layer
+        self.attention = {"self": {"query": a.self.query, "key": a.self.key, "value": a.self.value},
+                          "output": {"dense": a.output.dense, "LayerNorm": a.output.LayerNorm}}
+        self.intermediate = {"dense": layer.intermediate.dense}
+        self.output = {"dense": layer.output.dense, "LayerNorm": layer.output.LayerNorm}
+        self.n_head, self.head_dim = a.self.num_attention_heads, a.self.attention_head_size
+        self.gelu_approximate = layer._fastdistil_gelu
+
+    def qkv_weight(self):
+        return _qkv_weight(self.hf.attention.self)
+
+    def forward_ops(self, x, p: Packing, tap=None):
+        return _layer_compute(self.hf, x, p)
+
+
+def _whole_layer_ok(layer: nn.Module) -> bool:
+    """Inference with every linear plain: the layer may go to ``encoder_layer`` as one op."""
+    sa = layer.attention.self
+    return (not layer.training and not torch.is_grad_enabled()
+            and all(_plain(x) for x in (sa.query, sa.key, sa.value, layer.attention.output.dense,
+                                        layer.intermediate.dense, layer.output.dense)))
+
+
 def _original(module: nn.Module) -> type:
     return type(module).__dict__[_ORIGINAL]
 
@@ -178,6 +212,8 @@ def _layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_stat
     """BertLayer.forward on the fused ops. `attention_mask` is a Packing (packed route, from the patched encoder),
     a (B, L) key mask or None; anything else (transformers' 4D masks) runs the original forward."""
     if isinstance(attention_mask, Packing):
+        if _whole_layer_ok(self):  # as FastStudent: inference layers go through the encoder_layer op
+            return lookup("encoder_layer", hidden_states.device)(_LayerView(self), hidden_states, attention_mask)
         return _layer_compute(self, hidden_states, attention_mask)
     if ((attention_mask is None or attention_mask.dim() == 2) and encoder_hidden_states is None
             and past_key_values is None and not _capturing("attentions")):

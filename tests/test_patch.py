@@ -1,6 +1,7 @@
 """fastdistil.patch / unpatch on transformers and sentence-transformers models: parity (fp32, 1e-5), training under
 transformers.Trainer, torch.compile(fullgraph=True), gradient checkpointing, and the unsupported / bad inputs."""
 import copy
+import importlib
 import re
 import warnings
 
@@ -110,6 +111,12 @@ def test_route_goes_through_the_ops(monkeypatch):
         monkeypatch.setattr(ops, name, f)
     for name in ("attention", "varlen_attention", "embed_layer_norm", "linear_layer_norm", "linear_gelu"):
         spy(name)
+    patch_module = importlib.import_module("fastdistil.patch")
+    real_lookup = patch_module.lookup
+    monkeypatch.setattr(patch_module, "lookup", lambda op, dev: spy_count(op) or real_lookup(op, dev))
+
+    def spy_count(op):
+        calls[op] = calls.get(op, 0) + 1
     m = patched_quietly(build())
     ids, mask, _ = batch()
     with torch.no_grad():
@@ -117,7 +124,9 @@ def test_route_goes_through_the_ops(monkeypatch):
         assert calls == {"attention": 2, "embed_layer_norm": 1, "linear_layer_norm": 4, "linear_gelu": 2}
         calls.clear()
         m(ids, attention_mask=mask)  # the (now idle) capture hooks do not keep it padded
-    assert calls == {"varlen_attention": 2, "embed_layer_norm": 1, "linear_layer_norm": 4, "linear_gelu": 2}
+    # inference: each layer is one encoder_layer op, as in FastStudent (torch's runs the ops below)
+    assert calls == {"encoder_layer": 2, "varlen_attention": 2, "embed_layer_norm": 1, "linear_layer_norm": 4,
+                     "linear_gelu": 2}
     calls.clear()
     m2 = patched_quietly(build(), padding_free=False)
     with torch.no_grad():
@@ -319,6 +328,12 @@ def test_backends_flow_through(backend, padding_free):
     for n, p in m.named_parameters():
         g_ref = ref_grads[n].grad
         assert maxdiff(p.grad, g_ref) <= ATOL * max(1.0, g_ref.abs().max().item()), n
+    m.eval(), ref_m.eval()
+    with torch.no_grad(), fastdistil.use_backend(backend):  # inference: the whole-layer encoder_layer op
+        out = m(ids, attention_mask=mask, token_type_ids=tt)
+    with torch.no_grad():
+        ref = ref_m(ids, attention_mask=mask, token_type_ids=tt)
+    assert maxdiff(out.logits, ref.logits) <= ATOL
 
 
 # ---------------------------------------------------------------------------------------------------- Trainer
