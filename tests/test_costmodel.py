@@ -199,22 +199,35 @@ def test_gpu_overrides_and_unknown_names():
 
 
 def test_compile_report_cache(tmp_path, monkeypatch):
-    rows = [{"module": "attention", "kernel": "attention_fwd", "arch": 90, "registers": 128, "spill_bytes": 0,
-             "ok": True},
-            {"module": "attention", "kernel": "attention_bwd", "arch": 90, "registers": 255, "spill_bytes": 16,
-             "ok": True},
-            {"module": "attention", "kernel": "attention_fwd", "arch": 80, "registers": 96, "spill_bytes": 0,
-             "ok": True}]
+    def build(kernel, config, regs, spill, arch=90, module="attention"):
+        return {"module": module, "kernel": kernel, "config": config, "arch": arch, "registers": regs,
+                "spill_bytes": spill, "ok": spill == 0}
+    rows = [build("attention_fwd", "hd=32 bf16 varlen fwd", 128, 0),
+            build("attention_fwd", "hd=32 bf16 varlen dropout fwd", 168, 0),
+            build("attention_fwd", "hd=32 fp16 varlen fwd", 120, 0),
+            build("attention_bwd", "hd=32 bf16 varlen bwd", 255, 16),
+            build("attention_fwd", "hd=32 bf16 varlen fwd", 96, 0, arch=80),
+            build("_linear_fwd", "bf16 bias+gelu infer", 200, 0, module="matmul"),
+            build("_linear_fwd", "bf16 N<=512 bias+dropout+res+LN infer", 230, 0, module="matmul"),
+            build("_linear_fwd", "bf16 N<=512 bias+dropout+res+LN train", 255, 64, module="matmul")]
     f = tmp_path / "report.json"
     f.write_text(json.dumps(rows))  # the `fastdistil check-kernels --json` format
     s = cm.summarize_compile_report(cm.load_compile_report(f), 90)
-    assert s["modules"]["attention"]["fwd"]["max_registers"] == 128
-    assert s["modules"]["attention"]["bwd"]["spill_bytes"] == 16
-    assert cm._compile_note(s, "attention.bwd", "attention") == "regs 255 spill 16"
-    assert cm._compile_note(s, "qkv_gemm", "gemm") == "library"
+    assert len(s["builds"]) == 7 and "2 failed, 80 spill bytes" in s["summary"] and s["stale"] is None
+    note = lambda name, module, **kw: cm._compile_note(s, name, module, **kw)  # noqa: E731
+    assert note("attention.fwd", "attention", head_dim=32) == "regs 128 spill 0"  # bf16, no dropout, sm_90
+    assert note("attention.fwd", "attention", dtype="fp16", head_dim=32) == "regs 120 spill 0"
+    assert note("attention.bwd", "attention", training=True) == "regs 255 spill 16 FAILED 1"
+    assert note("linear_gelu", "matmul") == "regs 200 spill 0"
+    assert note("linear_layer_norm", "matmul") == "regs 230 spill 0"
+    assert note("linear_layer_norm", "matmul", training=True) == "regs 255 spill 64 FAILED 1"
+    assert note("qkv_gemm", "gemm") == "library" and note("linear_gelu.dA", "matmul") == "library"
+    assert cm._compile_note(None, "attention.fwd", "attention") == "-"
     cache = tmp_path / "cache.json"
     cache.write_text(json.dumps({"fingerprint": "not-the-current-one", "results": rows}))
     monkeypatch.setenv("FASTDISTIL_COMPILE_REPORT", str(cache))
     assert cm.compile_report_path() == cache
     assert cm.load_compile_report()["stale"] is True
     assert cm.load_compile_report(tmp_path / "absent.json") is None
+    cache.write_text(json.dumps({"fingerprint": cm.kernels_fingerprint(), "results": rows}))
+    assert cm.load_compile_report()["stale"] is False

@@ -580,27 +580,15 @@ def build_compile_report(archs=(90,), modules=None, jobs: int = 2, path=None, pr
 
 
 def summarize_compile_report(report: dict | None, arch: int) -> dict | None:
-    """Per kernel module and direction (fwd/bwd) for one arch: builds, failures, max registers, spill bytes."""
+    """The builds of one arch, and a one-line summary (builds, failures, spill bytes)."""
     if not report:
         return None
-    mods: dict[str, dict] = {}
-    n = failed = spills = 0
-    for r in report["results"]:
-        if int(r.get("arch", -1)) != arch:
-            continue
-        n += 1
-        failed += not r.get("ok", False)
-        spills += max(int(r.get("spill_bytes", 0)), 0)
-        d = "bwd" if "bwd" in str(r.get("kernel", "")) else "fwd"
-        k = mods.setdefault(str(r.get("module", "?")), {}).setdefault(
-            d, {"builds": 0, "failed": 0, "max_registers": 0, "spill_bytes": 0})
-        k["builds"] += 1
-        k["failed"] += not r.get("ok", False)
-        k["max_registers"] = max(k["max_registers"], int(r.get("registers", 0)))
-        k["spill_bytes"] += max(int(r.get("spill_bytes", 0)), 0)
-    summary = (f"sm_{arch}: {n} builds, {failed} failed, {spills} spill bytes" +
+    rows = [r for r in report["results"] if int(r.get("arch", -1)) == arch]
+    failed = sum(not r.get("ok", False) for r in rows)
+    spills = sum(max(int(r.get("spill_bytes", 0)), 0) for r in rows)
+    summary = (f"sm_{arch}: {len(rows)} builds, {failed} failed, {spills} spill bytes in all" +
                (" (STALE: the kernels changed since this report; rerun with --compile)" if report["stale"] else ""))
-    return {"source": report["source"], "stale": report["stale"], "arch": arch, "summary": summary, "modules": mods}
+    return {"source": report["source"], "stale": report["stale"], "arch": arch, "summary": summary, "builds": rows}
 
 
 def _cost_module(name: str, module: str) -> str | None:
@@ -614,16 +602,48 @@ def _cost_module(name: str, module: str) -> str | None:
     return module
 
 
-def _compile_note(summary: dict | None, name: str, module: str) -> str:
+def select_builds(builds: list[dict], name: str, module: str, dtype: str = "bf16", training: bool = False,
+                  head_dim: int | None = None) -> list[dict]:
+    """The builds of the compile report that a Cost row's kernel runs as: same module, then narrowed (each step
+    only where it leaves something) by dtype, direction, GEMM epilogue, inference/training variant, head dim and
+    the varlen form, without dropout (the model's timings have none) and with the exact erf GELU."""
+    mod = _cost_module(name, module)
+    cand = [b for b in builds if b.get("module") == mod]
+    text = lambda b: f"{b.get('kernel', '')} {b.get('config', '')}"  # noqa: E731
+    bwd = any(t in name for t in ("bwd", "scatter"))
+    preds = [lambda b: (dtype if dtype != "tf32" else "fp32") in str(b.get("config", "")).split(),
+             (lambda b: "bwd" in text(b)) if bwd else (lambda b: "bwd" not in text(b))]
+    if mod == "matmul":
+        epi = name[len("linear_"):].split(".")[0]
+        preds.append({"gelu": lambda b: "gelu" in text(b), "layer_norm": lambda b: "LN" in text(b)}.get(
+            epi, lambda b: str(b.get("config", "")).endswith("bias")))
+        preds.append(lambda b: ("train" if training else "infer") in text(b))
+    if mod == "attention":
+        preds += [lambda b: "varlen" in text(b), lambda b: "dropout" not in text(b)]
+        if head_dim:
+            preds.append(lambda b: f"hd={head_dim}" in text(b))
+    if mod == "gelu":
+        preds.append(lambda b: "erf" in text(b))
+    for pred in preds:
+        kept = [b for b in cand if pred(b)]
+        if kept:
+            cand = kept
+    return cand
+
+
+def _compile_note(summary: dict | None, name: str, module: str, dtype: str = "bf16", training: bool = False,
+                  head_dim: int | None = None) -> str:
     mod = _cost_module(name, module)
     if mod is None:
         return "library" if module == "gemm" or name.endswith((".dA", ".dB")) else "torch"
     if not summary:
         return "-"
-    k = summary["modules"].get(mod, {}).get("bwd" if "bwd" in name or "scatter" in name else "fwd")
-    if not k:
+    bs = select_builds(summary["builds"], name, module, dtype, training, head_dim)
+    if not bs:
         return "not built"
-    return f"regs {k['max_registers']} spill {k['spill_bytes']}" + (f" FAILED {k['failed']}" if k["failed"] else "")
+    failed = sum(not b.get("ok", False) for b in bs)
+    return (f"regs {max(int(b.get('registers', 0)) for b in bs)} spill "
+            f"{sum(max(int(b.get('spill_bytes', 0)), 0) for b in bs)}" + (f" FAILED {failed}" if failed else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -716,17 +736,16 @@ def model_perf(workload: str = "A", *, gpu: str | GPU = "h100", dtype: str = "bf
         "config": {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
                    "num_attention_heads": cfg.num_attention_heads, "intermediate_size": cfg.intermediate_size},
         "fused_epilogues": fused,
-        "compile_report": comp,
+        "compile_report": None if comp is None else {k: v for k, v in comp.items() if k != "builds"},
         "targets": {"speedup_vs_transformers_eager_forward": 3.0, "launches_per_layer_forward": 6},
     }
     modes = [("forward", False)] + ([("training", True)] if train else [])
     for mode, training in modes:
         kern = model_kernels(cfg, seqlens, eb, training=training, fused=fused, source=src)
-        layer0 = [_row(r["stage"], r["cost"], g, dtype, r["layer"], _compile_note(comp, r["cost"].name, r["module"]))
-                  for r in kern if r["layer"] == 0]
-        all_rows = [_row(r["stage"], r["cost"], g, dtype, r["layer"], _compile_note(comp, r["cost"].name,
-                                                                                     r["module"]))
-                    for r in kern]
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        all_rows = [_row(r["stage"], r["cost"], g, dtype, r["layer"],
+                         _compile_note(comp, r["cost"].name, r["module"], dtype, training, hd)) for r in kern]
+        layer0 = [r for r in all_rows if r["layer"] == 0]
         glue = record_fastdistil_glue(cfg, ids, mask, tdt, training=training)
         glue_side = _recorded_side(glue, g, dtype, top=0)
         fd_tot = _totals(all_rows)

@@ -27,6 +27,7 @@ def add_parser(sub):
                    "(default eager,sdpa; the headline speedup is against eager)")
     p.add_argument("--compile", action="store_true", help="build the kernels for this GPU's arch with "
                    "fastdistil.compile_check (minutes) and cache the report for later runs")
+    p.add_argument("--jobs", type=int, default=2, help="parallel builds for --compile (default 2)")
     p.add_argument("--compile-report", metavar="FILE", help="read registers/spills from this report (the cache "
                    "or `fastdistil check-kernels --json` output) instead of the cache")
     p.add_argument("--summary", action="store_true", help="totals only, no per-kernel rows")
@@ -58,7 +59,9 @@ def run(args) -> int:
         arch = 80 if args.gpu == "a100" else 90
         print(f"building the kernels for sm_{arch} (fastdistil.compile_check); the report is cached at "
               f"{cm.compile_report_path()}")
-        cm.build_compile_report((arch,), path=args.compile_report)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        cm.build_compile_report((arch,), jobs=args.jobs, path=args.compile_report)
     rep = cm.model_perf(args.workload, gpu=gpu, dtype=args.dtype, train=args.train, fused=False if args.unfused
                         else None, peers=peers, compile_report=report_src)
     print("\n".join(cm.format_report(rep, per_kernel=not args.summary)))
