@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .. import _C, reference
 from ..padding import gather, unpad
@@ -159,6 +160,31 @@ def bias_gelu(x, bias, *, approximate="none"):
     return _C.bias_gelu_fwd(x, bias, tanh)
 
 
+# ----------------------------------------------------------------------------------- GEMM + epilogue blocks
+# The bias stays inside the GEMM (addmm), as in transformers and the torch backend: the same fp32 rounding, so six
+# layers of real weights stay within 1e-5 of transformers (a bias added after the GEMM drifts to ~1.5e-5).
+_ZEROS: dict = {}
+
+
+def _zeros(n: int, dtype) -> torch.Tensor:
+    key = (n, dtype)
+    if key not in _ZEROS:  # a normal tensor even when first made under inference_mode (a teacher's forward)
+        with torch.inference_mode(False):
+            _ZEROS[key] = torch.zeros(n, dtype=dtype)
+    return _ZEROS[key]
+
+
+@register("linear_gelu", "native")
+def linear_gelu(x, weight, bias, *, approximate="none"):
+    h = F.linear(x, weight, bias)  # (..., N)
+    return bias_gelu(h, _zeros(h.shape[-1], h.dtype), approximate=approximate)
+
+
+@register("linear_layer_norm", "native")
+def linear_layer_norm(x, weight, bias, residual, ln_weight, ln_bias, eps=1e-12, *, dropout_p=0.0):
+    return layer_norm(F.linear(x, weight, bias), ln_weight, ln_bias, eps, residual, dropout_p=dropout_p)
+
+
 # -------------------------------------------------------------------------------------------------- embeddings
 class _EmbedLayerNorm(torch.autograd.Function):
     """C++ forward; the backward recomputes the reference on the same rows (autograd of gather + LN)."""
@@ -216,4 +242,5 @@ def encoder_layer(layer, x, p):
                             layer.gelu_approximate == "tanh")
 
 
-__all__ = ["varlen_attention", "attention", "layer_norm", "bias_gelu", "embed_layer_norm", "encoder_layer"]
+__all__ = ["varlen_attention", "attention", "layer_norm", "bias_gelu", "linear_gelu", "linear_layer_norm",
+           "embed_layer_norm", "encoder_layer"]
