@@ -327,6 +327,20 @@ class _TrainMixin:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.extra["saved_activation_MB"] = round(saved_bytes(self._loss) / 2**20, 1)
         self.model.zero_grad(set_to_none=True)
+        # one untimed step for its peak memory, then the weights and optimizer are put back as they were
+        keep = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
+            base = torch.cuda.memory_allocated(ctx.device)
+            self()
+            self.extra["peak_cuda_MB"] = round((torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20, 1)
+        else:
+            peak = peak_rss_delta(self)
+            if peak is not None:
+                self.extra["peak_rss_MB"] = round(peak / 2**20, 1)
+        self.model.load_state_dict(keep)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.model.zero_grad(set_to_none=True)
 
     def _loss(self):
         return self._forward(self.ctx.ids, self.ctx.mask, self.ctx.labels).loss
@@ -401,6 +415,33 @@ def saved_bytes(fn) -> int:
         loss = fn()
     del loss
     return sum(seen.values())
+
+
+def peak_rss_delta(fn) -> int | None:
+    """Peak resident memory while `fn()` runs, above the resident memory before it (Linux: the high-water mark
+    is reset through /proc/self/clear_refs; None where that is not possible). Memory the allocator returns to
+    the system between steps is counted again, so this is an upper bound of the step's working set."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _proc_status("VmRSS")
+        fn()
+        return max(0, _proc_status("VmHWM") - before)
+    except OSError:
+        return None
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {key}")
 
 
 # ---- distillation step -----------------------------------------------------------------------------------------

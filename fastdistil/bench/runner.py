@@ -233,6 +233,9 @@ def format_table(wres: dict) -> list[str]:
             extra = f" (cos {r['min_cosine']:.5f})"
         if "saved_activation_MB" in r:
             extra += f" saved {r['saved_activation_MB']:.0f} MB"
+        for k, label in (("peak_rss_MB", "peak RSS"), ("peak_cuda_MB", "peak CUDA")):
+            if k in r:
+                extra += f", {label} +{r[k]:.0f} MB"
         if "loss" in r:
             extra += f" loss {r['loss']:.4f}"
         lines.append(f"{r['engine']:<26} {r['median_ms']:>10.2f} {spread:>17} {r['tokens_per_s']:>11,.0f} "
