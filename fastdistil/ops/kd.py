@@ -1,8 +1,10 @@
 """Logit KD op: per-row KL(softmax(teacher / T) || softmax(student / T)) over the class / vocabulary dimension.
 
-The torch implementation is the materialised reference (fastdistil.reference.kd_kl_rows); the triton one
-(kernels/kd.py) streams each row once forward and once backward and never makes a float32 copy of the (N, V)
-logits. Registered with torch.library (custom_op + register_fake + register_autograd) so torch.compile traces it.
+Three implementations behind the backend seam: torch = the materialised reference (fastdistil.reference.kd_kl_rows);
+triton (kernels/kd.py, CUDA or the interpreter) streams each row once forward and once backward and never makes a
+float32 copy of the (N, V) logits, registered with torch.library (custom_op + register_fake + register_autograd)
+so torch.compile traces it; native (CPU) runs the kernel's maths with torch ops over blocks of rows (~16 MiB of
+temporaries), saving two (N,) logsumexps and recomputing in the backward.
 The teacher is a constant target on every backend: it is detached, no gradient reaches it.
 """
 from __future__ import annotations
@@ -119,3 +121,61 @@ def _kd_kl_triton(student, teacher, temperature, row_mask):
         return _kd_kl_torch(student, teacher, temperature, row_mask)
     m = None if row_mask is None else (row_mask != 0).to(torch.int8)
     return _kd_fwd_op(_contig_rows(student), _contig_rows(teacher), temperature, m)[0]
+
+
+# ------------------------------------------------------------------------------------------------ native (CPU)
+# The CPU backend: the same maths as the kernels with torch ops over blocks of rows, so no float32 copy of the
+# whole (N, V) logits exists (the reference makes several: two log-softmaxes, probabilities, products). Saves
+# only the two (N,) logsumexps; the backward recomputes each block's softmaxes and writes the gradient.
+_CPU_BLOCK_ELEMS = 1 << 22  # ~16 MiB of float32 temporaries per block of rows
+
+
+def _row_blocks(n: int, v: int):
+    step = max(1, _CPU_BLOCK_ELEMS // max(v, 1))
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+class _KDBlocked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, temperature, row_mask):
+        n, v = student.shape
+        c = torch.promote_types(student.dtype, torch.float32)
+        kl = student.new_empty(n, dtype=c)
+        lse_s, lse_t = torch.empty_like(kl), torch.empty_like(kl)
+        for i, j in _row_blocks(n, v):
+            s = student[i:j].to(c) / temperature
+            t = teacher[i:j].to(c) / temperature
+            ls, lt = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
+            kl[i:j] = (torch.exp(t - lt[:, None]) * (t - s)).sum(-1) - lt + ls
+            lse_s[i:j], lse_t[i:j] = ls, lt
+        if row_mask is not None:
+            kl = torch.where(row_mask.to(torch.bool), kl, torch.zeros_like(kl))
+        ctx.temperature = temperature
+        ctx.teacher = teacher if teacher.is_inference() else None  # see _kd_setup
+        ctx.save_for_backward(student, None if teacher.is_inference() else teacher, lse_s, lse_t, row_mask)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):
+        student, teacher, lse_s, lse_t, row_mask = ctx.saved_tensors
+        teacher = ctx.teacher if teacher is None else teacher
+        T = ctx.temperature
+        g = grad.to(lse_s.dtype) / T
+        if row_mask is not None:
+            g = torch.where(row_mask.to(torch.bool), g, torch.zeros_like(g))
+        n, v = student.shape
+        c = lse_s.dtype
+        ds = torch.empty_like(student, memory_format=torch.contiguous_format)
+        for i, j in _row_blocks(n, v):
+            p_s = torch.exp(student[i:j].to(c) / T - lse_s[i:j, None])
+            p_t = torch.exp(teacher[i:j].to(c) / T - lse_t[i:j, None])
+            d = g[i:j, None] * (p_s - p_t)
+            if row_mask is not None:  # masked rows may hold anything (inf padding logits): never read into ds
+                d = torch.where(row_mask[i:j, None].to(torch.bool), d, torch.zeros_like(d))
+            ds[i:j] = d.to(student.dtype)
+        return ds, None, None, None
+
+
+@register("kd_kl", "native")
+def _kd_kl_native(student, teacher, temperature, row_mask):
+    return _KDBlocked.apply(student, teacher, temperature, row_mask)
