@@ -131,6 +131,25 @@ def test_taps_match_transformers(dirs, enc):
     torch.testing.assert_close(side.mean, losses.mean_pool(out.last_hidden_state, mask=mask), rtol=1e-9, atol=1e-9)
 
 
+def test_forward_stops_as_deep_as_the_objectives_read(dirs, enc, monkeypatch):
+    """q/k/v of layer 3 only: layers 1-2 run in full, layer 3 stops after its q/k/v projection, layer 4 never
+    runs; the values equal the full forward's."""
+    m = load_model(dirs["base"])
+    b = collate(enc, [1, 9, 4])
+    with torch.inference_mode():
+        full = forward_side(m, b, Needs(hidden={2}, qkv={3}, mean=True))
+    calls = []
+    for i, layer in enumerate(m.encoder.layer):
+        orig = layer.forward
+        monkeypatch.setattr(layer, "forward", lambda *a, i=i, orig=orig, **k: (calls.append(i), orig(*a, **k))[1])
+    with torch.inference_mode():
+        part = forward_side(m, b, Needs(hidden={2}, qkv={3}))
+    assert calls == [0, 1] and part.last is None
+    torch.testing.assert_close(part.hidden[2], full.hidden[2], rtol=0, atol=0)
+    for k in "qkv":
+        torch.testing.assert_close(part.qkv[3][k], full.qkv[3][k], rtol=1e-6, atol=1e-6)
+
+
 def test_mlm_head_matches_transformers(dirs, enc):
     import transformers
     m = load_model(dirs["mlm"])
@@ -209,15 +228,15 @@ def test_dict_batch_equals_packed_batch_and_step_trains(dirs, enc, tok):
 def test_teacher_runs_under_inference_mode_and_is_frozen(dirs, enc, monkeypatch):
     d = _distiller(dirs, "minilmv2")
     seen = []
-    orig = type(d.teacher).forward_packed
+    emb = d.teacher.embeddings
+    orig = type(emb).forward
 
     def spy(self, *a, **k):
-        if self is d.teacher:
-            seen.append(torch.is_inference_mode_enabled())
+        seen.append((self is emb, torch.is_inference_mode_enabled()))
         return orig(self, *a, **k)
-    monkeypatch.setattr(type(d.teacher), "forward_packed", spy)
+    monkeypatch.setattr(type(emb), "forward", spy)
     d.step(collate(enc, [0, 1]))
-    assert seen == [True]
+    assert seen == [(True, True), (False, False)]  # the teacher's forward, then the student's
     assert not any(p.requires_grad for p in d.teacher.parameters()) and not d.teacher.training
     assert all(p.grad is None for p in d.teacher.parameters())
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +73,15 @@ class _Core(nn.Module):
             total = loss * w if total is None else total + loss * w
         out["loss"] = total
         return out
+
+
+def _adamw(params, lr: float, weight_decay: float):
+    """AdamW, fused (one kernel over all parameters: several times faster on CPU) where this torch has it."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def _linear_schedule(warmup: int, total: int | None):
@@ -130,7 +138,9 @@ class Distiller:
         self.mask_token_id, self.mlm_probability = int(mask_token_id), float(mlm_probability)
         self.global_step = 0
         self.max_steps = max_steps
-        self.optimizer = optimizer or torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+        # parameters the caller froze before handing the student over stay frozen in every phase
+        self._user_frozen = tuple(n for n, p in self.core.named_parameters() if not p.requires_grad)
+        self.optimizer = optimizer or _adamw(self.parameters(), lr, weight_decay)
         self.scheduler = scheduler or torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _linear_schedule(warmup_steps, max_steps))
         self._use_ddp = ddp and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -151,8 +161,9 @@ class Distiller:
         return self.core.objectives
 
     def parameters(self):
-        """Every trainable parameter (student and projections), frozen ones included (AdamW skips them)."""
-        return list(self.core.parameters())
+        """The trainable parameters (student and projections): all but those frozen before construction; the
+        ones a phase freezes are included (they get no gradient then, and AdamW skips them)."""
+        return [p for n, p in self.core.named_parameters() if n not in self._user_frozen]
 
     def frozen_parameters(self) -> list[str]:
         """Names (as in core.named_parameters()) of the parameters frozen in the current phase."""
@@ -162,7 +173,7 @@ class Distiller:
         for n in phase.weights:
             if n not in self.core.objectives:
                 raise ValueError(f"the plan names objective {n!r}, which the distiller does not have")
-        frozen = tuple(phase.frozen)
+        frozen = tuple(phase.frozen) + self._user_frozen
         if frozen != self._frozen:
             for n, p in self.core.named_parameters():
                 p.requires_grad_(not n.startswith(frozen) if frozen else True)
@@ -279,8 +290,9 @@ class Distiller:
         if out["loss"].requires_grad:  # else nothing this phase reads is trainable: the step only advances
             out["loss"].backward()
         params = [p for p in self.core.parameters() if p.grad is not None]
-        gn = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip else math.inf) if params \
-            else torch.zeros(())
+        gn = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if self.grad_clip and float(gn) > self.grad_clip:  # scale only when clipping (a no-op pass otherwise)
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, gn)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()

@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import FastStudentConfig
-from ..losses import mean_pool
 from ..heads import FastStudentForSequenceClassification
-from ..loading import load_state, read_config, read_weights, resolve_dir
+from ..loading import load_state, read_weights, resolve_dir
+from ..losses import mean_pool
 from ..model import FastStudent
 
 log = logging.getLogger("fastdistil")
@@ -197,27 +197,59 @@ class Needs:
                      self.logits or o.logits)
 
 
+def _depth(needs: "Needs", n: int) -> tuple[int, bool]:
+    """How deep a forward must go for `needs`: (layers to run, whether the deepest one runs in full). Pooled,
+    [CLS] and logits need the whole encoder; otherwise the run stops at the deepest hidden state read, or right
+    after the q/k/v projection of the deepest attention layer read (its attention, output and FFN are skipped)."""
+    if needs.cls or needs.mean or needs.logits:
+        return n, True
+    dh, dq = max(needs.hidden, default=0), max(needs.qkv, default=0)
+    return max(dh, dq), dh >= dq
+
+
 def forward_side(model: nn.Module, batch, needs: Needs) -> Side:
-    """Run `model` on a packed batch and collect what `needs` asks for (no padded tensor is ever built)."""
+    """Run `model` on a packed batch and collect what `needs` asks for (no padded tensor is ever built), running
+    only as deep as needed (MiniLM's teacher stops after the q/k/v projection of the layer it transfers)."""
     enc = body(model)
     n = enc.config.num_hidden_layers
-    want_emb = 0 in needs.hidden
-    taps = tuple(sorted({i - 1 for i in needs.qkv} | {i - 1 for i in needs.hidden if i > 0}))
     p = batch.packing
-    if want_emb and torch.is_grad_enabled():
-        x, hidden = enc.forward_packed(batch.ids, batch.token_type_ids, batch.position_ids, p,
-                                       output_hidden_states=True, taps=taps)
-        emb = hidden[0]
+    depth, full = _depth(needs, n)
+    side = Side()
+    if depth == n and full:
+        taps = tuple(sorted({i - 1 for i in needs.qkv} | {i - 1 for i in needs.hidden if i > 0}))
+        want_emb = 0 in needs.hidden
+        if want_emb and torch.is_grad_enabled():
+            x, hidden = enc.forward_packed(batch.ids, batch.token_type_ids, batch.position_ids, p,
+                                           output_hidden_states=True, taps=taps)
+            emb = hidden[0]
+        else:
+            x, _ = enc.forward_packed(batch.ids, batch.token_type_ids, batch.position_ids, p, taps=taps)
+            emb = enc.embeddings(batch.ids, batch.token_type_ids, batch.position_ids) if want_emb else None
+        side.last = x
+        for i in needs.hidden:
+            side.hidden[i] = emb if i == 0 else (x if i == n else enc.tapped[i - 1]["hidden"])
+        for i in needs.qkv:
+            t = enc.tapped[i - 1]
+            side.qkv[i] = {"q": t["q"], "k": t["k"], "v": t["v"]}
+        enc.tapped = {}
     else:
-        x, _ = enc.forward_packed(batch.ids, batch.token_type_ids, batch.position_ids, p, taps=taps)
-        emb = enc.embeddings(batch.ids, batch.token_type_ids, batch.position_ids) if want_emb else None
-    side = Side(last=x)
-    for i in needs.hidden:
-        side.hidden[i] = emb if i == 0 else (x if i == n else enc.tapped[i - 1]["hidden"])
-    for i in needs.qkv:
-        t = enc.tapped[i - 1]
-        side.qkv[i] = {"q": t["q"], "k": t["k"], "v": t["v"]}
-    enc.tapped = {}
+        x = enc.embeddings(batch.ids, batch.token_type_ids, batch.position_ids)  # (T, d)
+        if 0 in needs.hidden:
+            side.hidden[0] = x
+        for i, layer in enumerate(enc.layers[:depth], start=1):
+            if i == depth and not full:  # only this layer's q, k, v are read
+                w, b = layer.qkv_weight()
+                q, k, v = F.linear(x, w, b).view(x.shape[0], 3, layer.n_head, layer.head_dim).unbind(1)
+                side.qkv[i] = {"q": q, "k": k, "v": v}
+                break
+            tap = {} if i in needs.qkv else None
+            x = layer(x, p, tap)  # (T, d)
+            if tap is not None:
+                side.qkv[i] = {"q": tap["q"], "k": tap["k"], "v": tap["v"]}
+            if i in needs.hidden:
+                side.hidden[i] = x
+        return side
+    x = side.last
     cls_rows = None
     if needs.cls or needs.logits:
         cls_rows = x.index_select(0, p.cu_seqlens[:-1].to(torch.int64))  # (B, d)

@@ -21,6 +21,7 @@ embeddings last.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..heads import FastStudentForSequenceClassification
@@ -28,6 +29,8 @@ from .distiller import ConstantPlan, Phase
 from .models import FastStudentForMaskedLM, body, has_logits
 from .objectives import (AttentionKL, HiddenCosine, HiddenMSE, LabelCE, LogitKD, LogitMSE, PooledEmbedding,
                          RelationKL, top_down_mapping)
+
+log = logging.getLogger("fastdistil")
 
 RECIPES = ("xtremedistil", "minilm", "minilmv2", "distilbert", "embedding")
 
@@ -113,6 +116,9 @@ def build(name: str, teacher, student, *, has_labels: bool = False, max_steps: i
             objs.append(PooledEmbedding(1.0, "mse", ds, dt, pooling=options.get("pooling", "mean"), project=True))
             stage2 = "pooled_mse"
         labels = has_labels and isinstance(student, FastStudentForSequenceClassification)
+        if has_labels and not labels:
+            log.warning("xtremedistil: the data has labels but the student has no classifier head: stage 3 (labels) "
+                        "is skipped; use a BertForSequenceClassification teacher or student for task distillation")
         if labels:
             objs.append(LabelCE(1.0))
         return Recipe(name, objs, XtremeDistilPlan(student, max_steps, stage2, labels, options.get("fractions")))

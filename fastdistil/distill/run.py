@@ -194,7 +194,6 @@ def run(a: RunArgs) -> dict:
             and max(examples.labels) >= tcfg.num_labels:
         raise ValueError(f"the data has {max(examples.labels) + 1} label ids but the teacher classifies "
                          f"{tcfg.num_labels} classes")
-    enc = encode(examples, tok, max_length)
     if a.student:
         student = load_model(a.student, role="student", device=dev)
         check_pair(teacher, student)
@@ -203,6 +202,8 @@ def run(a: RunArgs) -> dict:
         layers = a.student_layers if a.student_layers else list(range(0, n, 2))
         student = student_from_teacher(teacher, layers)
     student.to(dev)
+    max_length = min(max_length, body(student).config.max_position_embeddings)
+    enc = encode(examples, tok, max_length)
     recipe = build_recipe(a.recipe, teacher, student, has_labels=examples.labels is not None,
                           max_steps=a.max_steps)
     cache = None
