@@ -2,8 +2,9 @@
 
 Conventions shared by every function here:
 - Argument order is always (student, teacher). Every docstring says whether inputs are LOGITS, log-probs or
-  plain features. The teacher is a constant target: it is detached (no gradient reaches it) and tensors made
-  under ``torch.inference_mode()`` are accepted.
+  plain features. The teacher is a constant target: it is detached (no gradient reaches it), tensors made
+  under ``torch.inference_mode()`` are accepted without a copy, and a teacher in another floating dtype than the
+  student is cast to the student's (fused losses) or both are computed in float32 (the others).
 - Rows are what a reduction averages over: a row is one token (token-level losses) or one example. Padding is
   excluded through ``mask`` (padded inputs, nonzero = real) or by passing packed tokens (``cu_seqlens``).
 - ``reduction``: ``"mean"`` averages over real rows (and relation heads), ``"sum"`` sums over them, ``"none"``

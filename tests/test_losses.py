@@ -357,3 +357,16 @@ def test_native_relation_memory_is_a_small_fraction_of_the_reference():
         peaks[name] = p.peak
     assert dispatch._IMPLS[("relation_kl", "native")] is op._relation_native
     assert 10 * peaks["native"] <= peaks["torch"], peaks
+
+
+@pytest.mark.interpreter
+def test_teacher_in_another_dtype_is_cast_to_the_students():
+    """A bf16 student (autocast) against fp32 teacher outputs: the fused losses equal those on a bf16 teacher."""
+    s = torch.randn(3, 40).bfloat16().requires_grad_()
+    t = torch.randn(3, 40)
+    x_s = torch.randn(2, 6, 2, 8).bfloat16().requires_grad_()
+    x_t = torch.randn(2, 6, 2, 16)
+    with fastdistil.use_backend("triton"):
+        for f in (lambda tt: L.kd_kl_loss(s, tt, temperature=2.0),
+                  lambda tt: L.self_relation_kl_loss(x_s, x_t.to(tt.dtype), num_relation_heads=2)):
+            torch.testing.assert_close(f(t), f(t.bfloat16()))

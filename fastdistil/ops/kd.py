@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .checks import check_float, check_same
+from .checks import check_float
 from .dispatch import lookup, register
 
 
@@ -24,7 +24,8 @@ def kd_kl_rows(student_logits, teacher_logits, temperature: float, row_mask=None
 
     Args:
         student_logits: (..., V) student LOGITS (not log-probs), fp16/bf16/fp32/fp64; gradients flow here.
-        teacher_logits: (..., V) teacher LOGITS, same shape, dtype and device; treated as a constant (detached).
+        teacher_logits: (..., V) teacher LOGITS, same shape and device; treated as a constant (detached) and
+            cast to the student's dtype when they differ (e.g. an fp16 cache under a bf16 student).
         temperature: T > 0 (a Python float).
         row_mask: optional (...) bool/int tensor over the leading dims, nonzero = real row; other rows give 0
             and get a zero gradient (padding rows of a (B, L, V) MLM batch, for example).
@@ -34,7 +35,9 @@ def kd_kl_rows(student_logits, teacher_logits, temperature: float, row_mask=None
     """
     check_float("student_logits", student_logits)
     check_float("teacher_logits", teacher_logits)
-    check_same("student_logits, teacher_logits", student_logits, teacher_logits)
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"student_logits are on {student_logits.device} but teacher_logits on "
+                         f"{teacher_logits.device}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
@@ -51,7 +54,7 @@ def kd_kl_rows(student_logits, teacher_logits, temperature: float, row_mask=None
             raise ValueError(f"row_mask is on {row_mask.device} but the logits are on {student_logits.device}")
     V = student_logits.shape[-1]
     s = student_logits.reshape(-1, V)
-    t = teacher_logits.detach().reshape(-1, V)
+    t = teacher_logits.detach().to(s.dtype).reshape(-1, V)
     m = None if row_mask is None else row_mask.reshape(-1)
     out = lookup("kd_kl", s.device)(s, t, float(temperature), m)
     return out.reshape(lead)

@@ -49,8 +49,9 @@ def relation_kl_rows(a_s, b_s, a_t, b_t, *, num_relation_heads: int, cu_seqlens=
             else padded (B, L, H, D) or (B, L, H*D) in token-major layout (for transformers' (B, H, L, D) pass
             x.transpose(1, 2)). Any strides (q/k/v views of a fused QKV output work without a copy).
             Attention KL: a = q, b = k. Self-relation (value relation, MiniLMv2 Q-Q/K-K/V-V): a = b = x.
-        a_t, b_t: teacher tensors, same layout, dtype and device; their width may differ from the student's.
-            Treated as a constant target (detached; inference-mode tensors are accepted).
+        a_t, b_t: teacher tensors, same layout and device; their width may differ from the student's. Treated
+            as a constant target (detached; inference-mode tensors are accepted) and cast to the student's dtype
+            when they differ (an fp16 teacher under a bf16 autocast student, for example).
         num_relation_heads: R; must divide both sides' widths (R = H gives the per-head attention KL).
         cu_seqlens: (B+1,) int32/int64 prefix sums of sequence lengths, for packed inputs.
         max_seqlen: the longest sequence length (a Python int), required with cu_seqlens.
@@ -66,7 +67,10 @@ def relation_kl_rows(a_s, b_s, a_t, b_t, *, num_relation_heads: int, cu_seqlens=
         raise ValueError(f"num_relation_heads must be >= 1, got {num_relation_heads}")
     for n, t in (("a_s", a_s), ("b_s", b_s), ("a_t", a_t), ("b_t", b_t)):
         check_float(n, t)
-    check_same("a_s, b_s, a_t, b_t", a_s, b_s, a_t, b_t)
+    check_same("a_s, b_s", a_s, b_s)
+    check_same("a_t, b_t", a_t, b_t)
+    if a_t.device != a_s.device:
+        raise ValueError(f"the student's tensors are on {a_s.device} but the teacher's on {a_t.device}")
     packed = cu_seqlens is not None
     lead = 1 if packed else 2
     for n, t in (("a_s", a_s), ("b_s", b_s), ("a_t", a_t), ("b_t", b_t)):
@@ -95,7 +99,7 @@ def relation_kl_rows(a_s, b_s, a_t, b_t, *, num_relation_heads: int, cu_seqlens=
         if attention_mask.device != a_s.device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but the inputs are on {a_s.device}")
     xs = [_heads(x, lead, r, n) for n, x in (("a_s", a_s), ("b_s", b_s))]
-    xt = [_heads(x.detach(), lead, r, n) for n, x in (("a_t", a_t), ("b_t", b_t))]
+    xt = [_heads(x.detach().to(a_s.dtype), lead, r, n) for n, x in (("a_t", a_t), ("b_t", b_t))]
     c_s = 1.0 / math.sqrt(xs[0].shape[-1]) if scale_s is None else float(scale_s)
     c_t = 1.0 / math.sqrt(xt[0].shape[-1]) if scale_t is None else float(scale_t)
     return lookup("relation_kl", a_s.device)(xs[0], xs[1], xt[0], xt[1], c_s, c_t, cu_seqlens,
