@@ -11,7 +11,8 @@ Layout: rows of `s` and `t` have their own row stride; the class dimension must 
 Statistics (max, sum, logsumexp, the KL accumulator) are float32 whatever the input dtype (fp16, bf16, fp32).
 One program per row; the row is streamed in chunks of BLOCK_V columns (128, 1024 or 4096).
 Limits: the teacher is a constant target (no gradient to it); rows with row_mask == 0 give KL = 0 and a zero
-gradient without reading the row.
+gradient without reading the row. There is no tl.dot here, so bf16 runs unmodified in Triton 3.9's interpreter
+(only its bf16 dot is broken, FACTS.md).
 """
 from __future__ import annotations
 
