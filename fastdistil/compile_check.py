@@ -164,6 +164,20 @@ def build(module: str, index: int, arch: int) -> BuildResult:
     return r
 
 
+def _check_triton() -> None:
+    """The harness speaks Triton's ASTSource(fn, signature-by-name, constexprs, attrs) API (Triton >= 3.3); the
+    kernels themselves need less, but building them offline needs that API."""
+    import inspect
+
+    try:
+        import triton
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        raise RuntimeError(f"check-kernels needs triton (pip install triton): {e}") from None
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        raise RuntimeError(f"check-kernels needs triton >= 3.3 (ASTSource with constexprs=); found {triton.__version__}")
+
+
 def _build_args(args):
     return build(*args)
 
@@ -186,6 +200,7 @@ def run_builds(archs=DEFAULT_ARCHS, kernel: str | None = None, jobs: int = 2, pr
     Returns:
         BuildResults ordered by kernel module, spec, arch.
     """
+    _check_triton()
     work = [(m, i, a) for m, i, _ in collect(kernel, match, modules) for a in archs]
     if not work:
         return []

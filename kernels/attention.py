@@ -3,7 +3,7 @@
 What it fuses: S = scale * Q K^T, the key-padding mask, an online (streaming) softmax, dropout on the
 probabilities and P V, in one kernel per (query block, batch x head); the L x L matrices never reach memory.
 The backward recomputes P from the saved log-sum-exp (no stored probabilities) and regenerates the dropout mask
-from the same counter-based RNG (Philox through ``tl.rand(seed, offset)``): nothing of size L x L is ever stored.
+from the same counter-based RNG (Philox, ``tl.philox``): nothing of size L x L is ever stored.
 
 Layout assumptions:
 - q, k, v may be any strided views whose last (head_dim) stride is 1, e.g. the model's ``qkv.view(T, 3, H, D)
@@ -16,14 +16,19 @@ Layout assumptions:
 - LSE and delta are fp32, stored as (B, H, L) (padded) or (H, T) (varlen), in log2 units (the kernels use exp2):
   lse2 = m2 + log2(l) with m2 the running max of S*log2(e). A row without any real key stores +inf, so that
   exp2(s - lse2) = 0 in the backward: its output and all its gradients are exactly zero, never NaN.
-- Dropout keeps probability (b, h, i, j) when rand(seed, ((b*H + h)*L + i)*L + j) >= p (int64 counter; L is the
-  padded length or max_seqlen, i, j positions within the sequence); kept values are scaled by 1/(1-p).
-  :func:`dropout_keep_mask` materialises the same mask for tests.
+- padded form: the kernels always take the key mask (the launcher passes ones when there is none: B*L bytes),
+  which halves the number of builds; the varlen form never reads one.
+- Dropout keeps probability (b, h, i, j) when uniform(r) >= p, r one of the four words of Philox-4x32-10 with
+  counter (i * ceil(L/4) + j // 4, b*H + h, 0, 0) and the 64-bit seed as key (word j % 4): one Philox call per
+  four probabilities, 32-bit counters (L < 65536 when dropping out; L is the padded length or max_seqlen, i, j
+  positions within the sequence). Kept values are scaled by 1/(1-p). :func:`dropout_keep_mask` materialises the
+  same mask for tests.
 
-Block sizes (``_fwd_config`` / ``_bwd_config``), chosen per head_dim and dtype so that no configuration spills on
-sm_80 or sm_90 (``fastdistil check-kernels`` proves it): 64 x 64 tiles with 4 warps for head_dim <= 64 in fp16 and
-bf16 (BERT's L=128 gives 2 query blocks per head; a 128-row block would halve the grid at small batch); fp32 and
-head_dim 128 use smaller tiles because their accumulators and operands take twice the registers.
+Block sizes (``_fwd_config`` / ``_bwd_config`` / ``_delta_block``), chosen per head_dim and dtype so that no
+configuration spills on sm_80 or sm_90 (``fastdistil check-kernels`` proves it; the tables say which neighbour
+spilled): forward 64 x 64 tiles for head_dim <= 64 in fp16 and bf16 (BERT's L=128 gives 2 query blocks per head; a
+128-row block would halve the grid at small batch), 64 x 32 at 128; backward 64 x 64 up to head_dim 32, then 32;
+fp32 (ieee FMA dots hold whole operand tiles in registers) 32 x 32, 16 x 16 for the head_dim 128 backward.
 
 Precision: statistics, accumulators and the softmax are fp32; P and dS are cast to the input dtype before their
 GEMMs (as in FlashAttention). fp32 inputs use ``input_precision="ieee"`` (full fp32 FMA, no TF32 tensor cores), so
@@ -34,6 +39,7 @@ the dot operands to fp32. GPU builds never set it; the bf16 GPU code is the fp16
 
 Limits: head_dim in {16, 32, 64, 128}; fp16, bf16, fp32 (the op layer sends other head dims and fp64 to the
 torch reference); non-causal only (encoders); int32 token indices within a sequence (L < 2^31), int64 addresses.
+Triton versions: developed against 3.9; uses tl.join (3.0+) and tl.dot(input_precision=...) (3.0+), nothing newer.
 """
 from __future__ import annotations
 
