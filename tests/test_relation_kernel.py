@@ -293,3 +293,38 @@ def test_custom_op_registration(packed):
         mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.int8)
         args = (a, a, torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16), 0.3, 0.25, None, 9, mask)
     torch.library.opcheck(op._rel_fwd_op, args)
+
+
+def test_launchers_allocate_only_the_row_statistics_and_the_gradients(monkeypatch):
+    """What the meta-device measurement above assumes, checked on a real interpreter run: the forward launcher
+    allocates kl, lse_t, lse_s ((R, T) float32 each) plus 1-element pointer stand-ins, the backward one only the
+    two input gradients; nothing L x L."""
+    from fastdistil.kernels import relation as K
+    allocs = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*a, **k):
+            out = torch.empty(*a, **k)
+            allocs.append(out.numel() * out.element_size())
+            return out
+
+        @staticmethod
+        def empty_like(x, **k):
+            out = torch.empty_like(x, **k)
+            allocs.append(out.numel() * out.element_size())
+            return out
+
+    monkeypatch.setattr(K, "torch", Counting())
+    R, T = 2, 45
+    a_s, b_s = torch.randn(T, R, 8, requires_grad=True), torch.randn(T, R, 8, requires_grad=True)
+    x_t = torch.randn(T, R, 16)
+    with fastdistil.use_backend("triton"):
+        kl = relation_kl_rows(a_s, b_s, x_t, x_t, num_relation_heads=R, cu_seqlens=_cu([5, 40]), max_seqlen=40)
+        fwd = sum(allocs)
+        kl.sum().backward()
+    assert 3 * R * T * 4 <= fwd <= 3 * R * T * 4 + 8  # + the int8 mask stand-in
+    assert sum(allocs) - fwd <= 2 * a_s.numel() * 4 + 8  # dA, dB (+ stand-ins)
