@@ -370,3 +370,14 @@ def test_teacher_in_another_dtype_is_cast_to_the_students():
         for f in (lambda tt: L.kd_kl_loss(s, tt, temperature=2.0),
                   lambda tt: L.self_relation_kl_loss(x_s, x_t.to(tt.dtype), num_relation_heads=2)):
             torch.testing.assert_close(f(t), f(t.bfloat16()))
+
+
+def test_native_paths_accept_inference_mode_teachers():
+    with torch.inference_mode():
+        t = torch.randn(3, 20)
+        x_t = torch.randn(9, 2, 8)
+    s = torch.randn(3, 20, requires_grad=True)
+    x_s = torch.randn(9, 2, 4, requires_grad=True)
+    _native_or_direct("kd_kl")(s, t, 1.5, None).sum().backward()
+    _native_or_direct("relation_kl")(x_s, x_s, x_t, x_t, 0.5, 0.35, _cu([4, 5]), 5, None).sum().backward()
+    assert torch.isfinite(s.grad).all() and torch.isfinite(x_s.grad).all()
