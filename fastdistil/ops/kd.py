@@ -3,7 +3,7 @@
 Three implementations behind the backend seam: torch = the materialised reference (fastdistil.reference.kd_kl_rows);
 triton (kernels/kd.py, CUDA or the interpreter) streams each row once forward and once backward and never makes a
 float32 copy of the (N, V) logits, registered with torch.library (custom_op + register_fake + register_autograd)
-so torch.compile traces it; native (CPU) runs the kernel's maths with torch ops over blocks of rows (~16 MiB of
+so torch.compile traces it; native (CPU) runs the kernel's maths with torch ops over blocks of rows (a few MiB of
 temporaries), saving two (N,) logsumexps and recomputing in the backward.
 The teacher is a constant target on every backend: it is detached, no gradient reaches it.
 """
@@ -130,7 +130,7 @@ def _kd_kl_triton(student, teacher, temperature, row_mask):
 # The CPU backend: the same maths as the kernels with torch ops over blocks of rows, so no float32 copy of the
 # whole (N, V) logits exists (the reference makes several: two log-softmaxes, probabilities, products). Saves
 # only the two (N,) logsumexps; the backward recomputes each block's softmaxes and writes the gradient.
-_CPU_BLOCK_ELEMS = 1 << 22  # ~16 MiB of float32 temporaries per block of rows
+_CPU_BLOCK_ELEMS = 1 << 20  # 4 MiB per float32 temporary of a block of rows (a handful live at once)
 
 
 def _row_blocks(n: int, v: int):
