@@ -137,7 +137,7 @@ def test_writes_every_output(monkeypatch, packed):
     from fastdistil.kernels import relation as K
     monkeypatch.setattr(K, "torch", _Poison())
     if packed:
-        lens = [3, 65, 1]
+        lens = [3, 0, 65, 1]  # an empty sequence too
         kw = dict(num_relation_heads=2, cu_seqlens=_cu(lens), max_seqlen=max(lens))
         lead = (sum(lens),)
     else:
