@@ -469,7 +469,8 @@ def compile_specs() -> list[CompileSpec]:
         for dt, ds in _DIMS:
             for varlen, has_mask in ((True, False), (False, True), (False, False)):
                 for kind, fn in kernels.items():
-                    bm, bn, warps = _config(dt, ds, "fp32" if ty == "fp32" else "16bit", "fwd" if kind == "fwd" else "bwd")
+                    cls = "fp32" if ty == "fp32" else "16bit"
+                    bm, bn, warps = _config(dt, ds, cls, "fwd" if kind == "fwd" else "bwd")
                     consts = {"DT": dt, "DS": ds, "BLOCK_DT": _block_d(dt), "BLOCK_DS": _block_d(ds),
                               "BLOCK_M": bm, "BLOCK_N": bn, "VARLEN": varlen, "HAS_MASK": has_mask,
                               "DOT_F32": False, "PREC": "ieee" if ty == "fp32" else "tf32"}
