@@ -25,8 +25,8 @@ def _torch_backend():
         yield
 
 
-def tiny_config(**kw):
-    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+def tiny_config(**kw):  # head_dim 16: a size the triton attention kernel takes (it falls back below 16)
+    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                 max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
     base.update(kw)
     return transformers.BertConfig(**base)
@@ -376,9 +376,13 @@ def test_trainer_losses_identical(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- compile
 @pytest.mark.slow
-def test_torch_compile_fullgraph():
-    """fullgraph=True: no graph break anywhere (mask creation, fused layers, ops, backend dispatch); the padded
-    route runs under compile. aot_eager traces forward and backward without inductor's C++ build time."""
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_torch_compile_fullgraph(backend):
+    """fullgraph=True: no graph break anywhere (mask creation, fused layers, ops, backend dispatch; triton's ops are
+    torch.library custom ops); the padded route runs under compile. aot_eager traces forward and backward without
+    inductor's C++ build time."""
+    if backend == "triton" and not fastdistil.backend.interpreting():
+        pytest.skip("the triton backend needs CUDA, or TRITON_INTERPRET=1 on CPU")
     torch._dynamo.reset()
     ref_m = build(transformers.BertForSequenceClassification).train()
     m = copy.deepcopy(ref_m)
@@ -386,9 +390,11 @@ def test_torch_compile_fullgraph():
     cm = torch.compile(m, fullgraph=True, backend="aot_eager")
     ids, mask, _ = batch()
     labels = torch.tensor([0, 1, 2, 0])
-    out, ref = cm(ids, attention_mask=mask, labels=labels), ref_m(ids, attention_mask=mask, labels=labels)
+    ref = ref_m(ids, attention_mask=mask, labels=labels)
+    with fastdistil.use_backend(backend):
+        out = cm(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
     assert abs(out.loss.item() - ref.loss.item()) <= ATOL and maxdiff(out.logits, ref.logits) <= ATOL
-    out.loss.backward()
     ref.loss.backward()
     g, g_ref = m.bert.encoder.layer[1].intermediate.dense.weight.grad, \
         ref_m.bert.encoder.layer[1].intermediate.dense.weight.grad
