@@ -65,7 +65,7 @@ _HF: dict = {}  # transformers objects, imported on the first patch (importing f
 # ----------------------------------------------------------------------------------------------------------------
 
 def _plain(lin: nn.Module) -> bool:
-    """A bare nn.Linear with a bias and no hooks: its GEMM may be taken apart (bias fused into the next op)."""
+    """A bare nn.Linear with a bias and no hooks: its weight and bias may go straight into a fused op."""
     return type(lin) is nn.Linear and lin.bias is not None and not (lin._forward_hooks or lin._forward_pre_hooks)
 
 
