@@ -328,3 +328,21 @@ def test_launchers_allocate_only_the_row_statistics_and_the_gradients(monkeypatc
         kl.sum().backward()
     assert 3 * R * T * 4 <= fwd <= 3 * R * T * 4 + 8  # + the int8 mask stand-in
     assert sum(allocs) - fwd <= 2 * a_s.numel() * 4 + 8  # dA, dB (+ stand-ins)
+
+
+@pytest.mark.compile
+def test_main_configuration_builds_spill_free_with_tensor_cores(capsys):
+    """MiniLM v1/v2 on a base teacher and a 384-wide student (relation heads 64 / 32 wide), bf16 packed: real
+    sm_80 and sm_90 builds of the three kernels (the full matrix runs through `fastdistil check-kernels`)."""
+    import json
+
+    from fastdistil import cli
+    rc = cli.main(["check-kernels", "--kernel", "relation", "--arch", "80,90", "--json",
+                   "--match", r"^bf16 Dt=64 Ds=32 varlen (fwd|da|db)$"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    rows = json.loads(out.out)
+    assert len(rows) == 6
+    for r in rows:
+        assert r["ok"] and r["spill_bytes"] == 0, r
+        assert r["tensor_cores"] in ("mma", "wgmma"), r
