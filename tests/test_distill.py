@@ -277,6 +277,30 @@ def test_xtremedistil_stage_schedule_freezes_the_right_parameters(dirs, enc):
     assert changed and all(n.startswith(head) for n in changed), changed
 
 
+def test_caller_frozen_parameters_stay_frozen_in_every_phase(dirs):
+    t = load_model(dirs["cls"])
+    s = student_from_teacher(t, [1, 3])
+    s.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    r = build_recipe("xtremedistil", t, s, max_steps=20, has_labels=True)
+    d = Distiller(t, s, r.objectives, plan=r.plan, max_steps=20)
+    name = "student.bert.embeddings.word_embeddings.weight"
+    assert all(p is not s.bert.embeddings.word_embeddings.weight for p in d.parameters())
+    for step in (0, 8, 14, 16):  # stage 1, stage 2 (embeddings frozen, then unfrozen), stage 3
+        d._apply_phase(d.plan.phase(step))
+        assert name in d.frozen_parameters()
+    assert "student.bert.embeddings.LayerNorm.weight" not in d.frozen_parameters()  # unfrozen by step 16
+
+
+def test_bfloat16_teacher_for_a_float32_student(dirs, enc):
+    d32 = _distiller(dirs, "minilmv2")
+    d16 = _distiller(dirs, "minilmv2")
+    d16.teacher.to(torch.bfloat16)
+    b = collate(enc, [0, 5, 9])
+    want, got = d32(b)["relation_kl"], d16(b)["relation_kl"]
+    assert got.dtype == torch.float32 and abs(float(got) - float(want)) <= 0.05 * float(want)
+    assert torch.isfinite(torch.tensor(d16.step(b)["loss"]))
+
+
 def test_teacher_cache_serves_the_second_epoch(dirs, enc, tmp_path, monkeypatch):
     d = _distiller(dirs, "embedding")
     fields = {"mean": ((32,), "float32")}

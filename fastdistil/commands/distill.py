@@ -44,6 +44,8 @@ def add_parser(sub):
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     p.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same arguments)")
+    p.add_argument("--teacher-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="teacher precision (bfloat16: about 2x faster teacher on AVX512-BF16 CPUs and GPUs)")
     p.add_argument("--no-cache", action="store_true", help="do not cache per-example teacher targets in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -56,7 +58,8 @@ def run(args) -> int:
                               student=args.student, student_layers=args.student_layers, max_steps=args.max_steps,
                               batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, seed=args.seed,
                               save_every=args.save_every, log_every=args.log_every, resume=args.resume,
-                              cache=not args.no_cache, progress=not args.no_progress))
+                              cache=not args.no_cache, teacher_dtype=args.teacher_dtype,
+                              progress=not args.no_progress))
     if res.get("final_dir"):
         print(f"step {res['step']}  loss {res['loss']:.6f}  final student: {res['final_dir']}")
     return 0

@@ -197,6 +197,14 @@ class Needs:
                      self.logits or o.logits)
 
 
+def side_to(side: Side, dtype) -> Side:
+    """The side with every floating tensor in `dtype` (a bf16 teacher's targets for an fp32 student)."""
+    c = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
+    return Side({k: c(v) for k, v in side.hidden.items()}, {k: {n: c(t) for n, t in d.items()}
+                                                            for k, d in side.qkv.items()},
+                c(side.last), c(side.cls), c(side.mean), c(side.logits))
+
+
 def _depth(needs: "Needs", n: int) -> tuple[int, bool]:
     """How deep a forward must go for `needs`: (layers to run, whether the deepest one runs in full). Pooled,
     [CLS] and logits need the whole encoder; otherwise the run stops at the deepest hidden state read, or right

@@ -66,11 +66,12 @@ class RunArgs:
     cache: bool = True
     progress: bool = True
     max_texts: int | None = 20000
+    teacher_dtype: str = "float32"
 
     def schedule_key(self) -> dict:
         """The arguments a resumed run must share with the run it continues."""
         keys = ("teacher", "recipe", "data", "student", "student_layers", "max_steps", "batch_size", "max_length",
-                "lr", "seed", "warmup_ratio", "max_texts")
+                "lr", "seed", "warmup_ratio", "max_texts", "teacher_dtype")
         d = {k: getattr(self, k) for k in keys}
         d["teacher"] = str(Path(d["teacher"]).resolve()) if Path(d["teacher"]).exists() else d["teacher"]
         return d
@@ -86,6 +87,8 @@ def _validate(a: RunArgs) -> None:
         raise ValueError(f"--max-length must be >= 2, got {a.max_length}")
     if not (a.lr > 0 and math.isfinite(a.lr)):
         raise ValueError(f"--lr must be a positive number, got {a.lr}")
+    if a.teacher_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--teacher-dtype must be float32, bfloat16 or float16, got {a.teacher_dtype!r}")
     if a.student and a.student_layers:
         raise ValueError("give either --student or --student-layers, not both")
 
@@ -184,7 +187,7 @@ def run(a: RunArgs) -> dict:
             raise ValueError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose "
                              "another --out")
     torch.manual_seed(a.seed)
-    teacher = load_model(a.teacher, role="teacher", device=dev)
+    teacher = load_model(a.teacher, role="teacher", device=dev)  # float32 first: the student copies its layers
     teacher_dir = teacher.name_or_path
     tok = _tokenizer(teacher_dir)
     tcfg = body(teacher).config
@@ -202,6 +205,7 @@ def run(a: RunArgs) -> dict:
         layers = a.student_layers if a.student_layers else list(range(0, n, 2))
         student = student_from_teacher(teacher, layers)
     student.to(dev)
+    teacher.to(dtype=getattr(torch, a.teacher_dtype))
     max_length = min(max_length, body(student).config.max_position_embeddings)
     enc = encode(examples, tok, max_length)
     recipe = build_recipe(a.recipe, teacher, student, has_labels=examples.labels is not None,
