@@ -79,7 +79,8 @@ def test_bert_model_parity_and_sharing(padding_free):
         ref_nomask = m(ids)
         ref_hs = m(ids, attention_mask=mask, output_hidden_states=True)
     assert patched_quietly(m, padding_free=padding_free) is m and is_patched(m)
-    assert type(m.encoder.layer[0]).__name__ == "BertLayer" and type(m.encoder.layer[0]).__module__ == "fastdistil.patch"
+    fused = type(m.encoder.layer[0])
+    assert fused.__name__ == "BertLayer" and fused.__module__ == "fastdistil.patch"
     assert isinstance(m.encoder.layer[0], transformers.models.bert.modeling_bert.BertLayer)
     assert list(m.state_dict()) == keys  # same keys, same Parameter objects: nothing copied
     assert all(p is params[n] for n, p in m.named_parameters())
@@ -402,7 +403,7 @@ def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
 
 
-# ---------------------------------------------------------------------------------------------------- sentence-transformers
+# ------------------------------------------------------------------------------------------ sentence-transformers
 def test_sentence_transformer_encode_unchanged(minilm_dir):
     st_mod = pytest.importorskip("sentence_transformers", reason="sentence-transformers is an optional peer")
     st = st_mod.SentenceTransformer(str(minilm_dir), device="cpu")
