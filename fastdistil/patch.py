@@ -12,8 +12,8 @@ whatever backend is selected (torch, triton, native) runs here unchanged:
 - embeddings  -> ``ops.embed_layer_norm`` (word + position + type gather, sum, LayerNorm in one op);
 - each layer  -> in inference on the packed route, the ``encoder_layer`` op as FastStudent calls it (native runs
   the whole layer in one C++ call); otherwise one QKV GEMM, ``ops.attention`` (padded, key mask) or
-  ``ops.varlen_attention`` (packed), ``ops.linear_layer_norm`` (GEMM + bias + dropout + residual + LayerNorm) after attention and FFN,
-  ``ops.linear_gelu`` (GEMM + bias + GELU) into the FFN; the epilogues are fused where the backend fuses them;
+  ``ops.varlen_attention`` (packed), ``ops.linear_layer_norm`` (GEMM + bias + dropout + residual + LayerNorm)
+  after attention and FFN, ``ops.linear_gelu`` (GEMM + bias + GELU) into the FFN, fused where the backend fuses;
 - the encoder -> padding-free: unpad once at entry, every layer on the (T, d) real tokens, pad once at exit
   (fastdistil/padding.py). It takes the padded route instead (same ops, (B, L, d), key mask) under
   ``torch.compile`` (static shapes), when the batch has no mask, or when forward hooks on the layers (e.g.
