@@ -98,7 +98,7 @@ def test_kernel_bytes_match_cost():
     """Distinct bytes the kernels load and store (counted in the interpreter) against cost()'s minimum."""
     from fastdistil.kernels import matmul as MM
     from fastdistil.launches import count_bytes
-    M, N, Kd = 256, 1536, 64
+    M, N, Kd = 128, 768, 32
     x, b, dh = torch.randn(M, N).half(), torch.randn(N).half(), torch.randn(M, N).half()
     fwd, bwd = K.cost(M, N, 2, backward=True)
     with count_bytes() as c:
