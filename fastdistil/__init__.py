@@ -14,4 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = ["FastStudent", "FastStudentConfig", "FastStudentForSequenceClassification",
            "FastStudentForTokenClassification", "FastStudentForQuestionAnswering", "set_backend", "get_backend",
-           "use_backend", "availability", "ops", "__version__"]
+           "use_backend", "availability", "ops", "patch", "unpatch", "patch_sentence_transformer", "is_patched",
+           "__version__"]
