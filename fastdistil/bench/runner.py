@@ -227,7 +227,8 @@ def format_table(wres: dict) -> list[str]:
         if r["status"] != "ok":
             lines.append(f"{r['engine']:<26} {r['status']}: {r['reason']}")
             continue
-        spread = f"{r['min_ms']:.1f}..{r['max_ms']:.1f}"
+        p = 3 if r["max_ms"] < 1 else 2 if r["max_ms"] < 100 else 0
+        spread = f"{r['min_ms']:.{p}f}..{r['max_ms']:.{p}f}"
         extra = ""
         if "min_cosine" in r and r["precision"] != "fp32":
             extra = f" (cos {r['min_cosine']:.5f})"
@@ -241,6 +242,14 @@ def format_table(wres: dict) -> list[str]:
         lines.append(f"{r['engine']:<26} {r['median_ms']:>10.2f} {spread:>17} {r['tokens_per_s']:>11,.0f} "
                      f"{_fmt(r.get('ratio_vs_sdpa'), '.2f', suffix='x'):>8} {_fmt(r.get('max_abs_diff'), '.2e'):>12}  "
                      f"{'yes' if r.get('agrees') else 'NO'}{extra}")
+    notes = []
+    for r in wres["rows"]:
+        if r.get("compile_s") is not None:
+            notes.append(f"{r['engine']}: compiled in {r['compile_s']} s (not timed)")
+        if r.get("fused_ops") and not any("fused ops" in n for n in notes):
+            ops = ", ".join(f"{k} x{v}" for k, v in r["fused_ops"].items())
+            notes.append(f"onnxruntime: legacy export + BERT fusions in {r.get('export_s', '?')} s; fused ops: {ops}")
+    lines += [f"  note: {n}" for n in notes]
     return lines
 
 
