@@ -68,7 +68,8 @@ def _kd_fwd_kernel(
         e_s = tl.where(ok, tl.exp(s_ok - m_s_new), 0.0)
         a_t = tl.exp(m_t - m_t_new)
         l_t = l_t * a_t + tl.sum(e_t, axis=0)
-        acc = acc * a_t + tl.sum(e_t * (t - s), axis=0)
+        # p_t = 0 terms contribute 0 (x log x -> 0), also where a teacher logit is -inf (a masked vocabulary entry)
+        acc = acc * a_t + tl.sum(e_t * tl.where(e_t > 0.0, t - s, 0.0), axis=0)
         l_s = l_s * tl.exp(m_s - m_s_new) + tl.sum(e_s, axis=0)
         m_t = m_t_new
         m_s = m_s_new

@@ -166,3 +166,20 @@ def test_kd_custom_op_registration():
     from fastdistil.ops import kd as op
     s, t = torch.randn(4, 50, requires_grad=True), torch.randn(4, 50)
     torch.library.opcheck(op._kd_fwd_op, (s, t, 2.0, torch.tensor([1, 0, 1, 1], dtype=torch.int8)))
+
+
+@pytest.mark.parametrize("backend", ["triton", "native", "torch"])
+def test_kd_teacher_minus_inf_logits_contribute_nothing(backend):
+    """A teacher logit of -inf (a masked vocabulary entry) has p_t = 0: its term is 0, not nan."""
+    from fastdistil.ops import dispatch
+    s = torch.randn(3, 300, requires_grad=True)
+    t = torch.randn(3, 300)
+    t[:, ::7] = float("-inf")
+    kl = dispatch._IMPLS[("kd_kl", backend)](s, t, 1.5, None)
+    kl.sum().backward()
+    keep = torch.isfinite(t[0])
+    log_ps = torch.log_softmax(s.detach().double() / 1.5, -1)[:, keep]  # the student normalises over all V
+    log_pt = torch.log_softmax(t[:, keep].double() / 1.5, -1)
+    ref = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    torch.testing.assert_close(kl.double(), ref, atol=2e-5, rtol=1e-5)
+    assert torch.isfinite(s.grad).all()

@@ -149,7 +149,8 @@ class _KDBlocked(torch.autograd.Function):
             s = student[i:j].to(c) / temperature
             t = teacher[i:j].to(c) / temperature
             ls, lt = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
-            kl[i:j] = (torch.exp(t - lt[:, None]) * (t - s)).sum(-1) - lt + ls
+            p_t = torch.exp(t - lt[:, None])
+            kl[i:j] = torch.where(p_t > 0, p_t * (t - s), 0.0).sum(-1) - lt + ls  # p_t = 0 terms (t = -inf): 0
             lse_s[i:j], lse_t[i:j] = ls, lt
         if row_mask is not None:
             kl = torch.where(row_mask.to(torch.bool), kl, torch.zeros_like(kl))

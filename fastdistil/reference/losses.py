@@ -27,7 +27,8 @@ def kd_kl_rows(student_logits, teacher_logits, temperature: float, row_mask=None
     compute = torch.promote_types(student_logits.dtype, torch.float32)
     log_ps = torch.log_softmax(student_logits.to(compute) / temperature, dim=-1)
     log_pt = torch.log_softmax(teacher_logits.to(compute) / temperature, dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # (N,)
+    p_t = log_pt.exp()
+    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), 0.0).sum(-1)  # (N,); p_t = 0 terms (t = -inf) are 0
     if row_mask is not None:
         kl = torch.where(row_mask.to(torch.bool), kl, torch.zeros_like(kl))
     return kl
