@@ -307,6 +307,30 @@ def test_torch_compile_fullgraph_traces_both_ops():
     assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(ys[0][1], ys[1][1]))
 
 
+def test_torch_compile_inductor_with_dropout_matches_eager():
+    """Inductor lowers the seed's torch.randint with its own RNG unless fallback_random: with it, the compiled
+    graph draws the same seed as eager, so outputs and gradients are bit-identical."""
+    import torch._inductor.config as inductor_config
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 2, 9, 16, generator=g, requires_grad=True)
+    mask = torch.ones(2, 9)
+    mask[1, 4:] = 0
+
+    def f(q, mask):
+        return ops.attention(q, q, q, mask, dropout_p=0.2).square().sum()
+
+    runs = []
+    with inductor_config.patch(fallback_random=True):
+        for fn in (torch.compile(f, fullgraph=True), f):
+            q.grad = None
+            torch.manual_seed(3)
+            y = fn(q, mask)
+            y.backward()
+            runs.append((y.detach(), q.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
 def test_unsupported_head_dim_falls_back_to_torch():
     q = torch.randn(1, 2, 5, 48)
     with pytest.warns(UserWarning, match="head_dim 48"):
