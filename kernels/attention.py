@@ -436,8 +436,10 @@ def _key_mask(key_mask, varlen: bool, B: int, L: int, device):
     if varlen:
         return None, False
     if key_mask is None:
-        key_mask = torch.ones((B, L), dtype=torch.int8, device=device)
-    return key_mask, True
+        return torch.ones((B, L), dtype=torch.int8, device=device), True
+    if key_mask.dtype != torch.int8:
+        key_mask = (key_mask != 0).to(torch.int8)
+    return _lowest_stride_1(key_mask), True
 
 
 def _check(q: torch.Tensor) -> tuple[str, int]:
@@ -461,8 +463,11 @@ def attention_fwd(q, k, v, key_mask=None, cu_seqlens=None, seed=None, max_seqlen
     Args:
         q, k, v: (B, H, L, D) (padded) or (T, H, D) (varlen), one of fp16/bf16/fp32, head_dim stride 1 preferred
             (anything else is copied once).
-        key_mask: optional (B, L) int8, nonzero = real key (padded form only).
-        cu_seqlens: (B+1,) int32 prefix sums (varlen form only); max_seqlen: the longest sequence (varlen).
+        key_mask: optional (B, L), nonzero = real key (padded form only; int8 is used as is, other dtypes
+            converted).
+        cu_seqlens: (B+1,) int32 prefix sums (varlen form only); max_seqlen: the longest sequence (varlen; it
+            sizes the grid and the RNG counters, so it must not be smaller than any length: not checked, which
+            would need a host sync).
         seed: (1,) int64 tensor on q's device; required when dropout_p > 0.
         dropout_p: dropout on the probabilities; softmax_scale: defaults to 1/sqrt(D).
     Returns:

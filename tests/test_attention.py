@@ -349,3 +349,12 @@ def test_cost_by_hand():
     assert c["attention.bwd.rng"].flops == 2 * 60 * 13 * 2
     assert [x.name for x in K.cost([2, 3], 2, 4, 4)] == ["attention.fwd"]
     assert not K.cost([2, 3], 2, 4, 4)[0].tensor_core  # fp32 runs ieee FMA dots
+
+
+def test_launcher_accepts_bool_and_strided_key_mask():
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 1, 7, 16, generator=g) for _ in range(3))
+    mask = key_mask(2, 7, g).bool().t().contiguous().t()  # (2, 7) with strides (1, 2)
+    o, lse = K.attention_fwd(q, k, v, mask)
+    assert rel_err(o, reference.attention(q.double(), k.double(), v.double(), mask)) < 1e-5
+    assert torch.isfinite(lse[0]).all()
