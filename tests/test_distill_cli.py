@@ -75,6 +75,9 @@ def test_resume_after_sigkill_reaches_the_same_final_loss(setup):
     # outputs: metrics per step with loss, and a final HF directory transformers loads with its tokenizer
     assert {"step", "loss", "hidden_mse", "lr", "tokens_per_s", "phase"} <= set(ma[0])
     assert ma[0]["phase"] == "stage1" and ma[-1]["phase"].startswith("stage2")
+    # resuming a finished run trains nothing and leaves the metrics as they are
+    assert main(_cmd(teacher, root / "data.txt", a, *args, "--resume")[3:]) == 0
+    assert [m["loss"] for m in _losses(a)] == [m["loss"] for m in ma]
     import transformers
     model = transformers.BertModel.from_pretrained(a / "final")
     tok = transformers.AutoTokenizer.from_pretrained(a / "final")

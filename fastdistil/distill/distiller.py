@@ -245,15 +245,16 @@ class Distiller:
         under inference_mode (whose cacheable outputs are then stored)."""
         fields = [f for f, want in (("logits", needs.logits), ("mean", needs.mean), ("cls", needs.cls)) if want]
         dev = batch.ids.device
-        if (cache_ok and self.cache is not None and fields and not needs.hidden and not needs.qkv
-                and set(fields) <= self._cacheable and self.cache.has(fields, batch.index)):
+        cache_ok = cache_ok and self.cache is not None and bool((batch.index >= 0).all())  # -1: no example index
+        if (cache_ok and fields and not needs.hidden and not needs.qkv and set(fields) <= self._cacheable
+                and self.cache.has(fields, batch.index)):
             self.cache.hits += 1
-            return Side(**{f: self.cache.get(f, batch.index, dev) for f in fields})
+            return Side(**{f: self.cache.get(f, batch.index, dev).to(self.student_dtype) for f in fields})
         with torch.inference_mode():
             t = forward_side(self.teacher, batch, needs)
             if self.teacher_dtype != self.student_dtype:  # e.g. a bf16 teacher: targets in the student's dtype
                 t = side_to(t, self.student_dtype)
-        if self.cache is not None and cache_ok and bool((batch.index >= 0).all()):
+        if cache_ok:
             self.cache.misses += 1
             for f in fields:
                 if f in self._cacheable and f in self.cache.fields:

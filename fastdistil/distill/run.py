@@ -270,7 +270,7 @@ def run(a: RunArgs) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=a.max_steps, initial=start, desc=f"distill {a.recipe}", unit="step", file=sys.stderr,
                    dynamic_ncols=True, mininterval=0.5)
-    last = {}
+    last = {"step": start, "loss": float("nan")}  # a resumed run that was already complete trains no step
     t_last, tok_acc = time.perf_counter(), 0
     with open(metrics_path, "a") if rank == 0 else open(os.devnull, "w") as mf:
         for step in range(start, a.max_steps):
