@@ -3,7 +3,12 @@
 `distill_quality()` builds a student from three of the teacher's six layers, measures the cosine similarity of its
 sentence embeddings to the teacher's on held-out sentences (default-corpus texts never trained on), distils with
 the `embedding` recipe (pooled MSE + cosine; the teacher's pooled targets are cached after the first sight of each
-example; the word embeddings stay the teacher's, frozen), and measures again. `fastdistil demo` calls it; so does examples/distill_minilm.py.
+example; the word embeddings stay the teacher's, frozen), and measures again. `fastdistil demo` calls it; so does
+examples/distill_minilm.py.
+
+Measured (2026-11-24, 2-core AMD EPYC Zen 4 shared with other jobs, load average ~8-10, `python
+examples/distill_minilm.py --steps 120 --json`): mean cosine on 256 held-out sentences 0.354 before -> 0.692 after
+(minimum 0.152 -> 0.467), final loss 0.325; 4.0 CPU-minutes of user time (763 s wall on the busy machine).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def _cosine(student, teacher, texts, tok, max_length) -> torch.Tensor:
     return (es * et).sum(-1)  # (N,) cosine per sentence
 
 
-def distill_quality(teacher=None, *, layers=(0, 2, 4), steps: int = 300, batch_size: int = 32,
+def distill_quality(teacher=None, *, layers=(0, 2, 4), steps: int = 120, batch_size: int = 32,
                     max_length: int = 64, lr: float = 2e-4, held_out: int = 256, seed: int = 0,
                     progress: bool = True) -> dict:
     """Distil `teacher` (default all-MiniLM-L6-v2) into a student of `layers` and report embedding agreement.
