@@ -90,8 +90,9 @@ def test_missing_peers_are_skipped_not_failed(monkeypatch):
 def test_bench_command_end_to_end(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     engines = ["transformers-eager", "transformers-sdpa", "fastdistil-torch-fp32", "onnxruntime-padded"]
+    md = tmp_path / "bench.md"
     rc = main(["bench", "--workload", "B", "--model", "tiny", "--rounds", "2", "--threads", "1", "--no-progress",
-               "--engines", *engines, "--json", str(out), "--plot", str(png)])
+               "--engines", *engines, "--json", str(out), "--plot", str(png), "--markdown", str(md)])
     text = capsys.readouterr().out
     assert rc == 0, text
     data = json.loads(out.read_text())
@@ -110,6 +111,8 @@ def test_bench_command_end_to_end(tmp_path, capsys):
     assert rows["onnxruntime-padded"]["status"] in ("ok", "skipped")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "median ms" in text and "fastdistil-torch-fp32" in text
+    table = md.read_text()
+    assert table.startswith("`fastdistil bench --workload B") and "| fastdistil-torch-fp32 |" in table
 
 
 @pytest.mark.slow

@@ -96,9 +96,15 @@ def load_reference(model: str = "minilm"):
                          intermediate_size=128, max_position_embeddings=512)
         torch.manual_seed(0)
         return cfg, BertModel(cfg).state_dict(), "random weights, tiny 2 x 64 encoder (smoke test)"
+    from transformers.utils import logging as hf_logging
+
     from ..loading import resolve_dir
     d = resolve_dir(model)
-    m = BertModel.from_pretrained(str(d), attn_implementation="eager")
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the middle of the benchmark's output
+    try:
+        m = BertModel.from_pretrained(str(d), attn_implementation="eager")
+    finally:
+        hf_logging.enable_progress_bar()
     return m.config, {k: v.float() for k, v in m.state_dict().items()}, f"{d}"
 
 

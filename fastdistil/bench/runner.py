@@ -253,6 +253,40 @@ def format_table(wres: dict) -> list[str]:
     return lines
 
 
+def markdown(result: dict) -> str:
+    """The result as Markdown (command, date, machine, one table per workload), for PERFORMANCE.md."""
+    m = result["machine"]
+    v = m["versions"]
+    out = [f"`{result['command']}`, {result['date']}", "",
+           f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} threads for torch and ONNX Runtime"
+           + (f", load average {m['load_average'][0]:.1f} at the start" if m.get("load_average") else "")
+           + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; torch {v['torch']}, transformers "
+           f"{v['transformers']}, onnxruntime {v['onnxruntime']}, triton {v['triton']}."]
+    for w in result["workloads"].values():
+        out += ["", f"**{w['summary']}**; weights: {w['weights']}; median of {w['rounds']} interleaved rounds.", "",
+                "| engine | median ms | min..max ms | real tokens/s | vs transformers sdpa | max abs diff | agrees |",
+                "|---|---|---|---|---|---|---|"]
+        for r in w["rows"]:
+            if r["status"] != "ok":
+                out.append(f"| {r['engine']} | {r['status']}: {r['reason']} | | | | | |")
+                continue
+            p = 3 if r["max_ms"] < 1 else 2 if r["max_ms"] < 100 else 0
+            agree = "yes" if r.get("agrees") else "**NO**"
+            if "min_cosine" in r and r["precision"] != "fp32":
+                agree += f" (cos {r['min_cosine']:.5f})"
+            for k, label in (("saved_activation_MB", "saved"), ("peak_rss_MB", "peak RSS +"),
+                             ("peak_cuda_MB", "peak CUDA +")):
+                if k in r:
+                    agree += f", {label}{r[k]:.0f} MB"
+            out.append(f"| {r['engine']} | {r['median_ms']:.{p}f} | {r['min_ms']:.{p}f}..{r['max_ms']:.{p}f} | "
+                       f"{r['tokens_per_s']:,.0f} | {_fmt(r.get('ratio_vs_sdpa'), '.2f', suffix='x')} | "
+                       f"{_fmt(r.get('max_abs_diff'), '.1e')} | {agree} |")
+        notes = [ln.strip()[len("note: "):] for ln in format_table(w) if ln.strip().startswith("note: ")]
+        if notes:
+            out += [""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
 def plot(result: dict, path) -> None:
     """A bar chart (median ms per engine, one panel per workload, ratio to sdpa on each bar) as PNG."""
     try:

@@ -17,6 +17,7 @@ def add_parser(sub):
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     p.add_argument("--json", metavar="FILE", help="write the results (machine info included) as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
+    p.add_argument("--markdown", metavar="FILE.md", help="write the tables as Markdown (for PERFORMANCE.md)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per engine (default 5)")
     p.add_argument("--engines", nargs="+", metavar="NAME",
                    help="engines or prefixes to run, e.g. fastdistil onnxruntime transformers-sdpa (comma lists "
@@ -75,6 +76,10 @@ def run(args) -> int:
     if args.plot:
         runner.plot(result, args.plot)
         print(f"wrote {args.plot}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(runner.markdown(result))
+        print(f"wrote {args.markdown}")
     bad = [r["engine"] for w in result["workloads"].values() for r in w["rows"]
            if r["status"] == "ok" and not r.get("agrees")]
     if bad:
