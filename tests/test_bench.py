@@ -127,7 +127,8 @@ def test_train_workload_checks_loss_and_gradients():
     assert rows["fastdistil-torch-fp32"]["saved_activation_MB"] < rows["transformers-sdpa"]["saved_activation_MB"]
 
 
-def test_model_perf_command_json(tmp_path, capsys):
+def test_model_perf_command_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTDISTIL_COMPILE_REPORT", str(tmp_path / "no-report.json"))  # hermetic: no cache
     out = tmp_path / "perf.json"
     rc = main(["model-perf", "--workload", "B", "--peers", "eager", "--json", str(out), "--launch-us", "5"])
     text = capsys.readouterr().out
@@ -135,6 +136,7 @@ def test_model_perf_command_json(tmp_path, capsys):
     assert all("modeled" in ln for ln in text.splitlines() if ln.strip())
     rep = json.loads(out.read_text())
     assert rep["modeled"] is True and rep["gpu"]["launch_eager_s"] == pytest.approx(5e-6)
+    assert rep["compile_report"] is None and "none cached" in text
     assert rep["workload"]["real_tokens"] == 32 and rep["dtype"] == "bf16"
     from fastdistil.bench.costmodel import launches_per_layer
     assert rep["launches_per_layer"] == launches_per_layer(seqlens=[32])

@@ -14,9 +14,10 @@ GPU waits for each launch, as it does when kernels are short, which is the case 
 
 **fastdistil side.** The kernels' own cost functions (``kernels/<op>.py: cost(...)`` and ``kernels/spec.py:
 gemm_cost``) give FLOPs, minimum bytes and launches for the padding-free path: embeddings + LayerNorm on the
-T real tokens, then per layer the enumeration in :func:`layer_plan` (one source of truth: the launch count per
-layer reported here and the launch-counter test of the triton backend both come from it), plus the small glue ops
-(unpadding, padding back, pooler), which are recorded from the real code with the op recorder below.
+T real tokens, then per layer the enumeration in :func:`layer_plan` (the one source of truth: the launches per
+layer reported here are counted from it, and a launch counter on the triton backend compares with
+:func:`launches_per_layer`), plus the small glue ops (input checks, unpadding, padding back, pooler), which are
+recorded from the real code with the op recorder below.
 
 **transformers side.** :class:`OpRecorder` (a ``TorchDispatchMode``) records every aten op transformers eager
 runs for the same batch on CPU, with the sizes of its inputs and outputs; each op that launches a kernel is
