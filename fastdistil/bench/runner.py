@@ -296,8 +296,9 @@ def plot(result: dict, path) -> None:
     except ImportError:
         raise RuntimeError("--plot needs matplotlib (pip install fastdistil[bench])") from None
     ws = list(result["workloads"].values())
-    fig, axes = plt.subplots(len(ws), 1, figsize=(9, 1.2 + 0.42 * max(len(w["rows"]) for w in ws) * len(ws)),
-                             squeeze=False)
+    sizes = [max(1, sum(r["status"] == "ok" for r in w["rows"])) + 1 for w in ws]
+    fig, axes = plt.subplots(len(ws), 1, figsize=(9, 1.0 + 0.4 * sum(sizes)), squeeze=False,
+                             gridspec_kw={"height_ratios": sizes})
     colors = {"fastdistil": "#d62728", "transformers": "#1f77b4", "torch.compile": "#9467bd",
               "onnxruntime": "#2ca02c"}
     for ax, w in zip(axes[:, 0], ws):
