@@ -141,6 +141,13 @@ def _dtype_name(dt) -> str:
 
 
 class Engine:
+    """One thing to time on one workload.
+
+    Args:
+        name: the engine's name in tables and JSON (e.g. "fastdistil-native-bf16").
+        backend: the fastdistil backend, or the peer's variant (attention implementation, "ort").
+        dtype: the precision of weights and activations.
+    """
     family = "?"
     kind = "inference"
 
@@ -164,10 +171,14 @@ class Engine:
         return packed(self(), self.ctx.mask)
 
     def teardown(self) -> None:
+        """Drop the model (and session, optimizer...) so the next engine has the memory."""
+        for k in ("model", "fn", "session", "opt", "distiller", "feeds", "batch"):
+            self.__dict__.pop(k, None)
         self.ctx = None
 
 
 class TransformersEngine(Engine):
+    """transformers.BertModel with `attn` attention ("eager" or "sdpa"), optionally under torch.compile."""
     family = "transformers"
 
     def __init__(self, name, attn: str, dtype=torch.float32, compiled: bool = False):
@@ -194,6 +205,7 @@ class TransformersEngine(Engine):
 
 
 class FastEngine(Engine):
+    """FastStudent converted from the reference model, run under one fastdistil backend."""
     family = "fastdistil"
 
     def setup(self, ctx):
