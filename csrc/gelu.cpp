@@ -9,7 +9,7 @@ namespace {
 
 GeluArgs rows_args(const Tensor& x, const Tensor& b, int64_t N, bool tanh_approx) {
   GeluArgs a{};
-  a.x = x.data_ptr(), a.bias = b.data_ptr(), a.sx = a.sy = a.sdy = N, a.N = N, a.tanh_approx = tanh_approx;
+  a.x = x.data_ptr(), a.bias = b.defined() ? b.data_ptr() : nullptr, a.sx = a.sy = a.sdy = N, a.N = N, a.tanh_approx = tanh_approx;
   return a;
 }
 
@@ -59,7 +59,7 @@ std::vector<Tensor> bias_gelu_bwd(const Tensor& dy, const Tensor& x, const Tenso
   return {dx.view(x.sizes()), part.sum(0)};
 }
 
-// Inference: x = gelu(x + bias) in place; x (R, N) contiguous, bias (N,) of x's dtype.
+// Inference: x = gelu(x [+ bias]) in place; x (R, N) contiguous, bias (N,) of x's dtype or undefined.
 void bias_gelu_inplace(Tensor& x, const Tensor& bias, bool tanh_approx) {
   const int dt = dtype_index(x, "x");
   const int64_t N = x.size(1);

@@ -1,5 +1,6 @@
 // The kernels for baseline x86-64 (or any other architecture): the fallback when AVX-512 is absent.
 #pragma GCC diagnostic ignored "-Wpsabi"
+#define FD_NO_FMA
 #include "kernels/common.h"
 #include "kernels/table.h"
 

@@ -99,13 +99,14 @@ std::vector<Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& sum, const Te
   return {ds.view(sum.sizes()), dx.view(sum.sizes()), sums[0], sums[1], sums[2]};
 }
 
-// Inference: y = LayerNorm(x + input_bias + residual), all (R, N) contiguous of one dtype, params of that dtype.
+// Inference: y = LayerNorm(x [+ input_bias] + residual) (input_bias may be undefined), all (R, N) contiguous of one dtype, params of that dtype.
 void layer_norm_into(const Tensor& x, const Tensor& residual, const Tensor& input_bias, const Tensor& weight,
                      const Tensor& bias, double eps, Tensor& y) {
   const int dt = dtype_index(x, "x");
   const int64_t N = x.size(1), R = x.size(0);
   LnFwdArgs a{};
-  a.x = x.data_ptr(), a.residual = residual.data_ptr(), a.in_bias = input_bias.data_ptr();
+  a.x = x.data_ptr(), a.residual = residual.data_ptr();
+  a.in_bias = input_bias.defined() ? input_bias.data_ptr() : nullptr;
   a.gamma = weight.data_ptr(), a.beta = bias.data_ptr(), a.y = y.data_ptr();
   a.sx = a.sr = a.sy = a.ss = N, a.N = N, a.eps = static_cast<float>(eps), a.inv_keep = 1.0f;
   const auto kernel = kernels().ln_fwd[dt];

@@ -10,7 +10,7 @@
 namespace fd {
 namespace FD_ISA {
 
-template <typename T, bool kTanh>
+template <typename T, bool kTanh, bool kBias>
 void gelu_fwd_rows(const GeluArgs& a) {
   const T* b = static_cast<const T*>(a.bias);
   for (int64_t r = a.r0; r < a.r1; ++r) {
@@ -18,7 +18,7 @@ void gelu_fwd_rows(const GeluArgs& a) {
     T* y = static_cast<T*>(a.y) + r * a.sy;
 #pragma omp simd
     for (int64_t c = 0; c < a.N; ++c) {
-      const float u = to_f32(x[c]) + to_f32(b[c]);
+      const float u = kBias ? to_f32(x[c]) + to_f32(b[c]) : to_f32(x[c]);
       float g;
       if (kTanh) g = 0.5f * u * (1.0f + tanh_f32(0.7978845608028654f * (u + 0.044715f * u * u * u)));
       else g = 0.5f * u * (1.0f + erf_f32(u * 0.7071067811865476f));
@@ -54,8 +54,9 @@ void gelu_bwd_rows(const GeluArgs& a) {
 
 template <typename T>
 void gelu_fwd(const GeluArgs& a) {
-  if (a.tanh_approx) gelu_fwd_rows<T, true>(a);
-  else gelu_fwd_rows<T, false>(a);
+  const bool b = a.bias != nullptr;  // null: x already holds x W^T + b (bias inside the GEMM)
+  if (a.tanh_approx) b ? gelu_fwd_rows<T, true, true>(a) : gelu_fwd_rows<T, true, false>(a);
+  else b ? gelu_fwd_rows<T, false, true>(a) : gelu_fwd_rows<T, false, false>(a);
 }
 
 template <typename T>

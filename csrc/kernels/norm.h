@@ -1,6 +1,7 @@
 // Row kernels of the LayerNorm family: residual + bias + dropout + LayerNorm (forward and backward) and the
-// embedding gather + sum + LayerNorm. One call handles rows [r0, r1) on one thread; statistics are fp32 and
-// two-pass over an fp32 row buffer (mean, then the mean of squared deviations: no cancellation).
+// embedding gather + sum + LayerNorm. One call handles rows [r0, r1) on one thread; the pre-norm sum is fp32 (as in
+// transformers), the forward statistics are two-pass float64 over it (mean, then mean squared deviation), the
+// saved mean/rstd and the backward are fp32.
 //
 // Forward:  s = dropout(x + in_bias) + residual,  xhat = (s - mean) * rstd,  y = xhat * gamma + beta
 // Backward: g = dy * gamma,  ds = rstd * (g - mean(g) - xhat * mean(g * xhat)),  dresidual = ds,
@@ -15,22 +16,30 @@
 namespace fd {
 namespace FD_ISA {
 
-// Normalise the fp32 row `s` into y; returns (mean, rstd) through the pointers.
+// Normalise the fp32 row `s` into y; returns (mean, rstd) through the pointers. The statistics and the affine map
+// run in float64 (8 lanes under AVX-512, cheap next to the GEMMs) and y is rounded once: an almost correctly
+// rounded LayerNorm, so a model's deviation from transformers is transformers' own fp32 rounding, not twice it
+// (six real-weight layers amplify 1-ulp differences to ~1e-5).
 template <typename T>
 FD_INLINE void normalize_row(const float* s, int64_t N, const T* gamma, const T* beta, float eps, T* y,
                              float* mean_out, float* rstd_out) {
-  float sum = 0.0f;
+  double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < N; ++c) sum += s[c];
-  const float mean = sum / static_cast<float>(N);
-  float sq = 0.0f;
+  for (int64_t c = 0; c < N; ++c) sum += static_cast<double>(s[c]);
+  const double mean = sum / static_cast<double>(N);
+  double sq = 0.0;
 #pragma omp simd reduction(+ : sq)
-  for (int64_t c = 0; c < N; ++c) sq += (s[c] - mean) * (s[c] - mean);
-  const float rstd = 1.0f / std::sqrt(sq / static_cast<float>(N) + eps);
+  for (int64_t c = 0; c < N; ++c) {
+    const double dv = static_cast<double>(s[c]) - mean;
+    sq += dv * dv;
+  }
+  const double rstd = 1.0 / std::sqrt(sq / static_cast<double>(N) + static_cast<double>(eps));
 #pragma omp simd
-  for (int64_t c = 0; c < N; ++c) y[c] = from_f32<T>((s[c] - mean) * rstd * to_f32(gamma[c]) + to_f32(beta[c]));
-  if (mean_out) *mean_out = mean;
-  if (rstd_out) *rstd_out = rstd;
+  for (int64_t c = 0; c < N; ++c)
+    y[c] = from_f32<T>(static_cast<float>((static_cast<double>(s[c]) - mean) * rstd * to_f32(gamma[c]) +
+                                          to_f32(beta[c])));
+  if (mean_out) *mean_out = static_cast<float>(mean);
+  if (rstd_out) *rstd_out = static_cast<float>(rstd);
 }
 
 template <typename T, bool kBias, bool kRes, bool kDrop>
