@@ -372,3 +372,12 @@ def test_trainer_subclass_trains_and_saves_the_student(dirs, tok, tmp_path):
     tr.save_model(str(tmp_path / "student"))
     hf = transformers.BertModel.from_pretrained(tmp_path / "student")
     assert hf.config.num_hidden_layers == 2
+
+
+def test_quality_demo_runs_on_a_tiny_teacher(dirs):
+    """The code path of `fastdistil demo`'s distillation part (real weights only in the example, not here)."""
+    from fastdistil.distill.quality import distill_quality, report
+    res = distill_quality(str(dirs["base"]), layers=(0, 2), steps=2, batch_size=4, max_length=16, held_out=8,
+                          progress=False)
+    assert set(res) >= {"before", "after", "steps", "seconds"} and -1 <= res["before"] <= 1 and res["steps"] == 2
+    assert "held-out" in report(res)

@@ -76,7 +76,10 @@ class XtremeDistilPlan:
         self.proj2 = f"objectives.{stage2}."
 
     def stage(self, step: int) -> int:
-        return 1 if step < self.bounds[0] else 2 if step < self.bounds[1] else 3
+        """1, 2 or 3 (3 only with labels; steps past max_steps stay in the last stage)."""
+        if step < self.bounds[0]:
+            return 1
+        return 2 if step < self.bounds[1] or not self.labels else 3
 
     def phase(self, step: int) -> Phase:
         s = self.stage(step)
@@ -85,7 +88,7 @@ class XtremeDistilPlan:
         if s == 3:
             return Phase("stage3", {"label_ce": 1.0}, frozen=(self.proj1, self.proj2))
         length = max(1, self.bounds[1] - self.bounds[0])
-        k = min(self.n + 1, (step - self.bounds[0]) * (self.n + 2) // length)  # 0..n+1 units unfrozen
+        k = min(self.n + 1, (min(step, self.bounds[1] - 1) - self.bounds[0]) * (self.n + 2) // length)  # 0..n+1
         frozen = [self.proj1] + self.layer[:max(0, self.n - k)] + ([self.emb] if k <= self.n else [])
         return Phase(f"stage2.{k}", {self.stage2: 1.0}, frozen=tuple(frozen))
 
