@@ -19,7 +19,10 @@ extra_info records `peak_rss_MB`: the step's peak resident memory above the resi
 VmHWM reset through /proc/self/clear_refs, malloc_trim before; one untimed step), and the fastdistil backend.
 
 Run:  python -m pytest benchmarks/test_distill_step.py --benchmark-only --bench-rounds 3
-Numbers measured are in benchmarks/distill_step_results.md (with the machine and its load).
+      python benchmarks/distill_interleaved.py 3      # the same engines interleaved round by round (fair ratios)
+Numbers measured are in benchmarks/distill_step_results.md (with the machine and its load): on a shared 2-core
+Zen 4, fastdistil was 2.39x (minilm) and 2.03x (embedding) faster than transformers, 6.76x with the teacher cache
+warm, 4.66x with a bfloat16 teacher; peak step memory 0.34x / 0.43x of transformers'.
 """
 from __future__ import annotations
 
