@@ -12,8 +12,8 @@ import torch
 from _distill_fixtures import SENTENCES, save_tiny, tiny_config
 from fastdistil import FastStudent, FastStudentForSequenceClassification, losses
 from fastdistil.distill import (Batch, Distiller, Examples, FastStudentForMaskedLM, StepOrder, TeacherCache,
-                                build_recipe, collate, default_corpus, encode, forward_side, load_model,
-                                read_examples, student_from_teacher)
+                                align_labels, build_recipe, collate, default_corpus, encode, forward_side,
+                                load_model, read_examples, student_from_teacher)
 from fastdistil.distill.models import Needs
 
 
@@ -42,6 +42,12 @@ def test_read_examples_formats_and_errors(tmp_path):
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     ex = read_examples(tmp_path / "b.jsonl")
     assert ex.texts == ["good", "bad", "ok"] and ex.label_names == ["neg", "pos"] and ex.labels == [1, 0, 1]
+    align_labels(ex, {"neg": 0, "pos": 1})
+    assert ex.labels == [1, 0, 1]
+    align_labels(ex, {"pos": 0, "neg": 1})  # the teacher's ids win over the sorted order
+    assert ex.labels == [0, 1, 0] and ex.label_names == ["pos", "neg"]
+    with pytest.raises(ValueError, match="not among the teacher's labels"):
+        align_labels(ex, {"pos": 0, "other": 1})
     (tmp_path / "c.tsv").write_text("text\ttext_b\tlabel\nA\tB\t1\nC\tD\t0\n")
     ex = read_examples(tmp_path / "c.tsv")
     assert ex.pairs == ["B", "D"] and ex.labels == [1, 0]

@@ -124,6 +124,25 @@ def read_examples(path) -> Examples:
     return ex
 
 
+def align_labels(examples: Examples, label2id: dict | None) -> Examples:
+    """Map string labels onto a teacher's own label ids (config.json label2id) in place; numeric labels and
+    teachers without label2id are left as they are.
+
+    Raises:
+        ValueError: a label of the data that the teacher does not know.
+    """
+    if examples.labels is None or not examples.label_names or not label2id or \
+            all(n.isdigit() for n in examples.label_names):
+        return examples
+    unknown = sorted(set(examples.label_names) - set(label2id))
+    if unknown:
+        raise ValueError(f"labels {unknown} of {examples.source} are not among the teacher's labels "
+                         f"{sorted(label2id)}")
+    examples.labels = [int(label2id[examples.label_names[i]]) for i in examples.labels]
+    examples.label_names = sorted(label2id, key=lambda n: int(label2id[n]))
+    return examples
+
+
 @dataclass
 class Encoded:
     """Token ids of every example, tokenised once: a flat int32 buffer plus offsets."""

@@ -178,8 +178,9 @@ class RelationKL(Objective):
     """Self-attention relation KL: for each relation r in `relations` (e.g. "qq", "kk", "vv"; MiniLM v1's value
     relation is "vv" with one relation head per attention head), split the concatenated head dims of both models
     into `relation_heads` heads and compare softmax(x_a x_b^T / sqrt(d_r)) of teacher and student by KL, mean over
-    relation heads and real rows; the relations' losses are summed (MiniLMv2: L = L_QQ + L_KK + L_VV). relation_heads=None keeps each model's own heads
-    (equal head counts needed). Head counts and head dims of teacher and student may differ otherwise."""
+    relation heads and real rows; the relations' losses are summed (MiniLMv2: L = L_QQ + L_KK + L_VV).
+    relation_heads=None keeps each model's own heads (equal head counts needed). Head counts and head dims of
+    teacher and student may differ otherwise."""
     name = "relation_kl"
 
     def __init__(self, weight: float, relations=("qq", "kk", "vv"), relation_heads: int | None = None,

@@ -32,7 +32,7 @@ from ..loading import TOKENIZER_FILES
 from . import checkpoint as ckpt
 from .cache import TeacherCache
 from .corpus import default_corpus
-from .data import Examples, StepOrder, collate, encode, read_examples
+from .data import Examples, StepOrder, align_labels, collate, encode, read_examples
 from .distiller import Distiller
 from .models import FastStudentForSequenceClassification, body, check_pair, load_model, student_from_teacher
 from .recipes import RECIPES
@@ -193,6 +193,7 @@ def run(a: RunArgs) -> dict:
     tcfg = body(teacher).config
     max_length = min(a.max_length, tcfg.max_position_embeddings)
     examples = _examples(a)
+    align_labels(examples, tcfg.extra.get("label2id"))
     if examples.labels is not None and isinstance(teacher, FastStudentForSequenceClassification) \
             and max(examples.labels) >= tcfg.num_labels:
         raise ValueError(f"the data has {max(examples.labels) + 1} label ids but the teacher classifies "
