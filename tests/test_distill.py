@@ -11,7 +11,7 @@ import torch
 
 from _distill_fixtures import SENTENCES, save_tiny, tiny_config
 from fastdistil import FastStudent, FastStudentForSequenceClassification, losses
-from fastdistil.distill import (Batch, Distiller, Examples, FastStudentForMaskedLM, StepOrder, TeacherCache,
+from fastdistil.distill import (Distiller, Examples, FastStudentForMaskedLM, StepOrder, TeacherCache,
                                 align_labels, build_recipe, collate, default_corpus, encode, forward_side,
                                 load_model, read_examples, student_from_teacher)
 from fastdistil.distill.models import Needs

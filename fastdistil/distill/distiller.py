@@ -18,9 +18,8 @@ parameters with the step (XtremeDistil's stages and gradual unfreezing).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

@@ -13,7 +13,6 @@ loss of the same global batch when the ranks' batches weigh the same (e.g. equal
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
