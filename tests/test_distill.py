@@ -231,6 +231,15 @@ def test_dict_batch_equals_packed_batch_and_step_trains(dirs, enc, tok):
     assert d.global_step == 1 and not torch.equal(w, d.student.encoder.layer[1].attention.self.query.weight)
 
 
+def test_fit_runs_the_complete_loop(dirs, enc):
+    d = _distiller(dirs, "embedding", max_steps=3)
+    order = StepOrder(len(enc), 0, 4)
+    seen = []
+    hist = d.fit((collate(enc, order.indices(s)) for s in range(10)), callback=seen.append)
+    assert [h["step"] for h in hist] == [1, 2, 3] and len(seen) == 3 and d.global_step == 3
+    assert hist[0]["lr"] > 0 and hist[-1]["lr"] > 0 and all(h["tokens"] > 0 for h in hist)
+
+
 def test_teacher_runs_under_inference_mode_and_is_frozen(dirs, enc, monkeypatch):
     d = _distiller(dirs, "minilmv2")
     seen = []

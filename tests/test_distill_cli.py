@@ -106,6 +106,24 @@ def test_torchrun_two_processes_match_one_process(setup):
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6)
 
 
+def test_student_checkpoint_and_task_labels(setup, tmp_path, capsys):
+    """--student PATH with a classifier teacher, string labels mapped through the teacher's label2id."""
+    root, _ = setup
+    teacher = save_tiny(tmp_path / "cls_teacher", "cls")
+    student = save_tiny(tmp_path / "cls_student", "cls", seed=1, layers=2)
+    labels = ["neg", "pos", "neutral"]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t, "label": labels[i % 3]})
+                                                for i, t in enumerate(SENTENCES)))
+    out = tmp_path / "o"
+    assert main(["distill", "--teacher", str(teacher), "--student", str(student), "--recipe", "distilbert",
+                 "--data", str(tmp_path / "d.jsonl"), "--out", str(out), "--max-steps", "2", "--batch-size", "4",
+                 "--max-length", "16", "--no-progress"]) == 0
+    m = _losses(out)
+    assert {"logit_kd", "label_ce", "hidden_cosine"} <= set(m[-1]) and len(m) == 2
+    import transformers
+    assert transformers.BertForSequenceClassification.from_pretrained(out / "final").config.num_labels == 3
+
+
 @pytest.mark.parametrize("case", ["teacher", "data", "jsonl", "layers", "exists", "steps"])
 def test_clear_errors(setup, tmp_path, capsys, case):
     root, teacher = setup
