@@ -81,8 +81,12 @@ void for_each_task(const std::vector<int64_t>& cq, const std::vector<int64_t>& c
                    F fn) {
   TORCH_CHECK(cq.size() == ck.size(), "fastdistil native: cu_seqlens_q and cu_seqlens_k must have one length");
   const int64_t B = static_cast<int64_t>(cq.size()) - 1;
-  const int64_t T = cq.back();
-  const int64_t nt = T * H < 64 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * H));
+  // Small problems (a batch-1 request) stay on the calling thread: a parallel region costs more than it saves,
+  // and on a shared machine waking a second thread can cost a scheduler slice.
+  double flops = 0.0;
+  for (int64_t b = 0; b < B; ++b)
+    flops += 4.0 * static_cast<double>(cq[b + 1] - cq[b]) * static_cast<double>(ck[b + 1] - ck[b]) * H;
+  const int64_t nt = flops < 2.0e5 ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * H));
   const Schedule sc = schedule(cq.data(), ck.data(), B, H, nt);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> work(work_floats);
