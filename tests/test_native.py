@@ -268,7 +268,10 @@ def minilm_models(minilm_dir):
 
 
 @needs_native
-def test_model_native_matches_transformers_on_real_weights(minilm_models):
+@pytest.mark.parametrize("gemm", ["onednn", "blas"])
+def test_model_native_matches_transformers_on_real_weights(minilm_models, gemm, monkeypatch):
+    """Both inference routes: GEMMs on oneDNN (default) and the one-C++-call layer on ATen's addmm."""
+    monkeypatch.setenv("FASTDISTIL_NATIVE_GEMM", gemm)
     hf, ours = minilm_models
     fastdistil.set_backend("native")
     for B, L, pad_row in ((1, 1, None), (1, 32, None), (5, 7, 3), (6, 129, 4), (1, 512, None)):
@@ -283,6 +286,28 @@ def test_model_native_matches_transformers_on_real_weights(minilm_models):
         assert torch.isfinite(a.last_hidden_state).all()
         if pad_row is not None:
             assert (a.last_hidden_state[pad_row] == 0).all()
+
+
+@needs_native
+def test_inference_sees_in_place_weight_updates():
+    """The cached fused / prepacked weights follow in-place updates (e.g. load_state_dict after a forward)."""
+    import transformers
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=96, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.BertModel(cfg).eval()
+    ours = fastdistil.FastStudent.from_hf(hf).eval()
+    fastdistil.set_backend("native")
+    ids, mask = torch.randint(0, 99, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    with torch.no_grad():
+        ours(ids, mask)
+        for m in (hf, ours):
+            m.encoder.layer[1].output.dense.weight.mul_(1.5) if m is hf else \
+                m.layers[1].output["dense"].weight.mul_(1.5)
+            m.encoder.layer[0].attention.self.key.bias.add_(0.3) if m is hf else \
+                m.layers[0].attention["self"]["key"].bias.add_(0.3)
+        d = (ours(ids, mask).last_hidden_state - hf(input_ids=ids, attention_mask=mask).last_hidden_state)
+    assert d.abs().max().item() <= 1e-5
 
 
 def _mean_pool(out, mask):

@@ -9,12 +9,14 @@ csrc/kernels/*.h); embed_layer_norm's backward recomputes the reference (it runs
 Dropout masks come from a counter-based hash of a seed drawn from torch's default generator
 (``torch.manual_seed`` makes them reproducible) and are regenerated in the backward pass, never stored.
 
-Inference: ``encoder_layer`` runs a whole BERT layer (its four GEMMs through ATen's BLAS, QKV as one GEMM over
-the concatenated weight, the rest fused) in one C++ call, so batch-1 latency is not spent in Python.
+Inference: ``encoder_layer`` runs a whole BERT layer with QKV as one GEMM over the concatenated weight: by default
+its GEMMs go to oneDNN's prepacked matmul (weights reordered once per layer and cached) and the rest to the C++
+kernels; with FASTDISTIL_NATIVE_GEMM=blas the whole layer is one C++ call (csrc/layer.cpp) on ATen's addmm.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -232,12 +234,63 @@ def _layer_weights(layer):
     return cache[1], cache[2]
 
 
+_ONEDNN: dict = {}
+
+
+def _use_onednn() -> bool:
+    """GEMMs of inference layers on oneDNN's prepacked matmul unless FASTDISTIL_NATIVE_GEMM=blas (ATen's addmm:
+    MKL sgemm in fp32) or this torch has no oneDNN. Measured on the 2-core AMD EPYC (AVX-512) of this project:
+    oneDNN's fp32 GEMMs are 2.2x (32 x 128 batch) to 2.6x (batch 1) faster than MKL's, at the same accuracy
+    against transformers (both ~1e-5: fp32 sums in a different order)."""
+    choice = os.environ.get("FASTDISTIL_NATIVE_GEMM", "onednn").lower()
+    if choice not in ("onednn", "blas"):
+        raise ValueError(f"FASTDISTIL_NATIVE_GEMM must be 'onednn' or 'blas', got {choice!r}")
+    if choice == "blas":
+        return False
+    if "ok" not in _ONEDNN:
+        _ONEDNN["ok"] = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return _ONEDNN["ok"]
+
+
+def _packed(layer, ws):
+    """oneDNN-reordered copies of the four GEMM weights, rebuilt when any of them changes (new tensor, or an
+    in-place update: the key holds each weight's storage and version)."""
+    key = tuple((ws[i].data_ptr(), 0 if ws[i].is_inference() else ws[i]._version, ws[i].dtype)
+                for i in (0, 2, 6, 8))  # the fused QKV is replaced (never updated) when q, k or v change
+    cache = getattr(layer, "_native_packed", None)
+    if cache is None or cache[0] != key:
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        with torch.no_grad():
+            cache = (key, [reorder(ws[i].detach(), 32) for i in (0, 2, 6, 8)])
+        layer._native_packed = cache
+    return cache[1]
+
+
+def _encoder_layer_onednn(layer, ws, eps1, eps2, x, p):
+    """The layer with its GEMMs (bias inside, GELU fused as oneDNN's erf post-op) on oneDNN's prepacked matmul and
+    the rest on the C++ kernels: eight calls from Python, against one for the BLAS route (see _use_onednn)."""
+    lin = torch.ops.mkldnn._linear_pointwise
+    pq, po, p1, p2 = _packed(layer, ws)
+    T, d = x.shape
+    H = layer.n_head
+    qkv = lin(x, pq, ws[1], "none", [], "").view(T, 3, H, d // H)
+    q, k, v = qkv.unbind(1)
+    ctx = _C.varlen_attention_fwd(q, k, v, p.cu_seqlens, p.max_seqlen, 1.0 / math.sqrt(d // H), 0.0, 0, False)[0]
+    x1 = _C.layer_norm_fwd(lin(ctx.view(T, d), po, ws[3], "none", [], ""), ws[4], ws[5], eps1, x, None, 0.0, 0,
+                           False)[0]
+    h = lin(x1, p1, ws[7], "gelu", [], "tanh" if layer.gelu_approximate == "tanh" else "none")
+    return _C.layer_norm_fwd(lin(h, p2, ws[9], "none", [], ""), ws[10], ws[11], eps2, x1, None, 0.0, 0, False)[0]
+
+
 @register("encoder_layer", "native")
 def encoder_layer(layer, x, p):
     """One inference layer in one C++ call (eval mode, no autograd, no taps; the model checks that)."""
     ws, (eps1, eps2) = _layer_weights(layer)
     if ws is None or x.dtype != ws[0].dtype or not x.is_contiguous():
         return layer.forward_ops(x, p)
+    if _use_onednn() and x.shape[0] > 0:
+        return _encoder_layer_onednn(layer, ws, eps1, eps2, x, p)
     return _C.encoder_layer(x, ws, p.cu_seqlens, p.max_seqlen, layer.n_head, eps1, eps2,
                             layer.gelu_approximate == "tanh")
 
