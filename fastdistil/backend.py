@@ -19,6 +19,13 @@ BACKENDS = ("auto", "torch", "triton", "native")
 _state = {"name": None}
 
 
+def _constant_under_compile(fn):
+    """What torch.compiler.assume_constant_result does (dynamo calls `fn` once while tracing and bakes in the
+    result), without importing torch._dynamo here: that import costs over a second and pulls in triton."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _check(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
@@ -84,13 +91,13 @@ def _warn_no_native() -> None:
                   stacklevel=4)
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _triton_ok() -> bool:
     """`_triton_status()[0]`, a constant to torch.compile (dynamo cannot trace the import probe behind it)."""
     return _triton_status()[0]
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _native_ok() -> bool:
     """`_native_status()[0]`, a constant to torch.compile (dynamo cannot trace the import probe behind it);
     warns once when the CPU falls back to torch."""

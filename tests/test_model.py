@@ -7,6 +7,14 @@ import fastdistil
 from fastdistil import FastStudent, FastStudentConfig
 
 
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    """The foundation's parity claims are about the torch backend (the reference path, bit-exact with transformers
+    in fp32 on CPU); the native and triton backends have their own parity tests."""
+    with fastdistil.use_backend("torch"):
+        yield
+
+
 def hf_bert(hidden=64, heads=4, layers=2, inter=None, type_vocab=2, vocab=211, max_pos=64, dropout=0.0):
     cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                                   num_attention_heads=heads, intermediate_size=inter or 4 * hidden,
