@@ -227,7 +227,7 @@ def format_table(wres: dict) -> list[str]:
         if r["status"] != "ok":
             lines.append(f"{r['engine']:<26} {r['status']}: {r['reason']}")
             continue
-        p = 3 if r["max_ms"] < 1 else 2 if r["max_ms"] < 100 else 0
+        p = 3 if r["median_ms"] < 1 else 2 if r["median_ms"] < 100 else 0
         spread = f"{r['min_ms']:.{p}f}..{r['max_ms']:.{p}f}"
         extra = ""
         if "min_cosine" in r and r["precision"] != "fp32":
@@ -270,7 +270,7 @@ def markdown(result: dict) -> str:
             if r["status"] != "ok":
                 out.append(f"| {r['engine']} | {r['status']}: {r['reason']} | | | | | |")
                 continue
-            p = 3 if r["max_ms"] < 1 else 2 if r["max_ms"] < 100 else 0
+            p = 3 if r["median_ms"] < 1 else 2 if r["median_ms"] < 100 else 0
             agree = "yes" if r.get("agrees") else "**NO**"
             if "min_cosine" in r and r["precision"] != "fp32":
                 agree += f" (cos {r['min_cosine']:.5f})"
