@@ -257,6 +257,9 @@ class OnnxRuntimeEngine(Engine):
         self.extra.update(export_s=ctx.scratch["onnx_export_s"], fused_ops=ctx.scratch.get("onnx_fused", {}))
         so = ort.SessionOptions()
         so.intra_op_num_threads = ctx.threads
+        # ORT's workers spin after each run by default, taking the 2 cores from whichever engine is timed next in
+        # an interleaved round; without spinning every engine sees the same idle machine.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
