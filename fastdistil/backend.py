@@ -113,14 +113,20 @@ def availability() -> dict[str, tuple[bool, str]]:
 
 
 def resolve(device: torch.device | str) -> str:
-    """The concrete backend ('torch', 'triton' or 'native') that runs ops on tensors of `device`."""
+    """The concrete backend ('torch', 'triton' or 'native') that runs ops on tensors of `device`.
+
+    While torch.compile traces, 'native' resolves to 'torch': the C++ ops are not torch.library ops yet, so the
+    compiler gets the reference ops (which it fuses itself) instead of a graph break.
+    """
     name = get_backend()
     dev = torch.device(device).type
     if name == "auto":
         if dev == "cuda" and _triton_ok():
             return "triton"
-        if dev == "cpu" and _native_ok():
+        if dev == "cpu" and _native_ok() and not torch.compiler.is_compiling():
             return "native"
+        return "torch"
+    if name == "native" and torch.compiler.is_compiling():
         return "torch"
     if name == "triton" and dev == "cpu" and not interpreting():
         raise RuntimeError("backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run on CPU tensors")

@@ -170,3 +170,15 @@ def test_backend_seam():
         assert fastdistil.backend.resolve("cpu") == "torch"
     avail = fastdistil.availability()
     assert set(avail) == {"torch", "triton", "native"} and avail["torch"][0]
+
+
+def test_compile_fullgraph_under_auto_backend():
+    """torch.compile(fullgraph=True) of FastStudent under `auto`: native's C++ ops are not torch.library ops, so
+    tracing resolves them to the torch reference (no graph break) and eager keeps the native path."""
+    m = FastStudent.from_hf(hf_bert()).eval()
+    ids, mask, tt = batch(3, 9, 211)
+    with fastdistil.use_backend("auto"), torch.no_grad(), \
+            torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        a, b = compiled(ids, mask, tt).last_hidden_state, m(ids, mask, tt).last_hidden_state
+    assert (a - b)[mask.bool()].abs().max() <= 1e-5
