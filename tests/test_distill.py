@@ -151,9 +151,10 @@ def test_forward_stops_as_deep_as_the_objectives_read(dirs, enc, monkeypatch):
     with torch.inference_mode():
         part = forward_side(m, b, Needs(hidden={2}, qkv={3}))
     assert calls == [0, 1] and part.last is None
-    torch.testing.assert_close(part.hidden[2], full.hidden[2], rtol=0, atol=0)
+    # fp32 tolerance, not bitwise: under native, layers with taps run the op path and others the fused C++ layer
+    torch.testing.assert_close(part.hidden[2], full.hidden[2], rtol=1e-5, atol=1e-5)
     for k in "qkv":
-        torch.testing.assert_close(part.qkv[3][k], full.qkv[3][k], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(part.qkv[3][k], full.qkv[3][k], rtol=1e-5, atol=1e-5)
 
 
 def test_mlm_head_matches_transformers(dirs, enc):
