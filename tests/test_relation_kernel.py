@@ -10,6 +10,7 @@ import torch
 import fastdistil
 from fastdistil import reference
 from fastdistil.ops import relation_kl_rows
+from fused_helpers import PoisonedTorch
 
 pytestmark = pytest.mark.interpreter
 
@@ -115,27 +116,10 @@ def test_fused_qkv_views_and_inference_teacher():
     _close(g_views[:, 1], dk64, torch.float32, grad=True)
 
 
-class _Poison:
-    """Stands in for `torch` inside the launcher module: every empty buffer comes back full of NaN / junk."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*a, **k):
-        out = torch.empty(*a, **k)
-        return out.fill_(float("nan")) if out.is_floating_point() else out.fill_(-77)
-
-    @staticmethod
-    def empty_like(x, **k):
-        out = torch.empty_like(x, **k)
-        return out.fill_(float("nan")) if out.is_floating_point() else out.fill_(-77)
-
-
 @pytest.mark.parametrize("packed", [True, False])
 def test_writes_every_output(monkeypatch, packed):
     from fastdistil.kernels import relation as K
-    monkeypatch.setattr(K, "torch", _Poison())
+    monkeypatch.setattr(K, "torch", PoisonedTorch())
     if packed:
         lens = [3, 0, 65, 1]  # an empty sequence too
         kw = dict(num_relation_heads=2, cu_seqlens=_cu(lens), max_seqlen=max(lens))

@@ -146,7 +146,18 @@ class HiddenCosine(Objective):
         return L.embedding_cosine_loss(hs, ht)
 
 
-class AttentionKL(Objective):
+class _QKVObjective(Objective):
+    """An objective on the q/k/v taps of one student layer and one teacher layer (negative = from the top)."""
+
+    def _norm(self, ns, nt):
+        return normalise_layer(self.layers[0], ns, hidden=False), normalise_layer(self.layers[1], nt, hidden=False)
+
+    def needs(self, ns, nt):
+        a, b = self._norm(ns, nt)
+        return Needs(qkv={a}), Needs(qkv={b})
+
+
+class AttentionKL(_QKVObjective):
     """MiniLM (v1): KL(A_teacher || A_student) of the attention distributions softmax(q k^T / sqrt(d_head)) of one
     teacher layer and one student layer, mean over heads and real query rows. Equal head counts are required (the
     relation-head split of MiniLMv2 lifts that); computed by the flash-style relation kernel: no L x L matrix."""
@@ -155,13 +166,6 @@ class AttentionKL(Objective):
     def __init__(self, weight: float, student_layer: int = -1, teacher_layer: int = -1):
         super().__init__(weight)
         self.layers = (student_layer, teacher_layer)
-
-    def _norm(self, ns, nt):
-        return normalise_layer(self.layers[0], ns, hidden=False), normalise_layer(self.layers[1], nt, hidden=False)
-
-    def needs(self, ns, nt):
-        a, b = self._norm(ns, nt)
-        return Needs(qkv={a}), Needs(qkv={b})
 
     def forward(self, s, t, batch):
         a, b = self._norm(*self._n)
@@ -174,7 +178,7 @@ class AttentionKL(Objective):
                                    max_seqlen=p.max_seqlen)
 
 
-class RelationKL(Objective):
+class RelationKL(_QKVObjective):
     """Self-attention relation KL: for each relation r in `relations` (e.g. "qq", "kk", "vv"; MiniLM v1's value
     relation is "vv" with one relation head per attention head), split the concatenated head dims of both models
     into `relation_heads` heads and compare softmax(x_a x_b^T / sqrt(d_r)) of teacher and student by KL, mean over
@@ -194,13 +198,6 @@ class RelationKL(Objective):
         self.layers = (student_layer, teacher_layer)
         if name:
             self.name = name
-
-    def _norm(self, ns, nt):
-        return normalise_layer(self.layers[0], ns, hidden=False), normalise_layer(self.layers[1], nt, hidden=False)
-
-    def needs(self, ns, nt):
-        a, b = self._norm(ns, nt)
-        return Needs(qkv={a}), Needs(qkv={b})
 
     def forward(self, s, t, batch):
         a, b = self._norm(*self._n)
