@@ -55,7 +55,8 @@ _ORIGINAL = "_fastdistil_original_class"
 _SUPPORTED_DEVICES = ("cpu", "cuda")
 _GELU = {"GELUActivation": "none", "GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "NewGELUActivation": "tanh",
          "FastGELUActivation": "tanh"}
-_INSTANCE_ATTRS = ("_fastdistil_gelu", "_fastdistil_qkv", "_fastdistil_padding_free", "_fastdistil_report")
+_INSTANCE_ATTRS = ("_fastdistil_gelu", "_fastdistil_qkv", "_fastdistil_padding_free", "_fastdistil_report",
+                   "_fastdistil_view")
 _FUSED: dict[tuple[type, str], type] = {}  # (original class, role) -> fused subclass
 _HF: dict = {}  # transformers objects, imported on the first patch (importing fastdistil never imports transformers)
 
@@ -136,8 +137,9 @@ def _layer_compute(layer: nn.Module, x: torch.Tensor, where) -> torch.Tensor:
 
 class _LayerView:
     """FastStudent's Layer, as the ``encoder_layer`` op sees it (a backend may run a whole inference layer in one
-    call: native does), over an HF layer's own modules. Built per call, so it never outlives a swapped submodule;
-    nothing is copied (the fused QKV weight is the cached one of :func:`_qkv_weight`)."""
+    call: native does), over an HF layer's own modules. Kept on the layer (see :func:`_layer_view`) so the backend's
+    per-layer caches (native's prepacked oneDNN weights) survive between calls; nothing is copied (the fused QKV
+    weight is the cached one of :func:`_qkv_weight`)."""
 
     training = False
 
@@ -156,6 +158,17 @@ class _LayerView:
 
     def forward_ops(self, x, p: Packing, tap=None):
         return _layer_compute(self.hf, x, p)
+
+
+def _layer_view(layer: nn.Module) -> _LayerView:
+    """The layer's _LayerView, rebuilt only when one of its submodules was swapped since it was made."""
+    a = layer.attention
+    parts = (a.self.query, a.self.key, a.self.value, a.output.dense, a.output.LayerNorm, layer.intermediate.dense,
+             layer.output.dense, layer.output.LayerNorm)
+    cached = layer.__dict__.get("_fastdistil_view")
+    if cached is None or any(x is not y for x, y in zip(cached[0], parts)):
+        cached = layer.__dict__["_fastdistil_view"] = (parts, _LayerView(layer))
+    return cached[1]
 
 
 def _whole_layer_ok(layer: nn.Module) -> bool:
@@ -213,7 +226,7 @@ def _layer_forward(self, hidden_states, attention_mask=None, encoder_hidden_stat
     a (B, L) key mask or None; anything else (transformers' 4D masks) runs the original forward."""
     if isinstance(attention_mask, Packing):
         if _whole_layer_ok(self):  # as FastStudent: inference layers go through the encoder_layer op
-            return lookup("encoder_layer", hidden_states.device)(_LayerView(self), hidden_states, attention_mask)
+            return lookup("encoder_layer", hidden_states.device)(_layer_view(self), hidden_states, attention_mask)
         return _layer_compute(self, hidden_states, attention_mask)
     if ((attention_mask is None or attention_mask.dim() == 2) and encoder_hidden_states is None
             and past_key_values is None and not _capturing("attentions")):
