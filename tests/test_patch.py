@@ -501,3 +501,25 @@ def test_unsupported_device_dtype_and_non_bert():
         patch(nn.Sequential(nn.Linear(3, 3)))
     with pytest.raises(TypeError):
         patch("bert-base-uncased")
+
+
+def test_layer_view_kept_between_calls_and_rebuilt_after_a_swap():
+    """Inference layers reach encoder_layer through a per-layer view kept between calls (so a backend's per-layer
+    caches, e.g. native's prepacked weights, survive), rebuilt when a submodule is swapped."""
+    ref = build()
+    m = patched_quietly(copy.deepcopy(ref))
+    ids, mask, tt = batch()
+    layer = m.encoder.layer[0]
+    with torch.inference_mode():
+        m(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        view = layer.__dict__["_fastdistil_view"][1]
+        m(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        assert layer.__dict__["_fastdistil_view"][1] is view
+        new = nn.Linear(layer.intermediate.dense.in_features, layer.intermediate.dense.out_features)
+        new.load_state_dict(layer.intermediate.dense.state_dict())
+        layer.intermediate.dense = new
+        out = m(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        assert layer.__dict__["_fastdistil_view"][1] is not view
+        assert maxdiff(out, ref(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state, mask) <= 1e-5
+    unpatch(m)
+    assert "_fastdistil_view" not in layer.__dict__
