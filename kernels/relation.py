@@ -49,6 +49,17 @@ def _seq_bounds(CU, b, L, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _base(start, b, r, s_b, s_l, s_r, VARLEN: tl.constexpr):
+    """Element offset of relation head r's first row: packed sequences start at token `start`, padded ones at
+    batch row b (int64 arithmetic)."""
+    if VARLEN:
+        off = start * s_l + r * s_r
+    else:
+        off = b.to(tl.int64) * s_b + r * s_r
+    return off
+
+
+@triton.jit
 def _tile(X, base, rows, ok_rows, s_l, D: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
     """Load rows (BLOCK,) x [0, D) of one relation head, zero outside; fp32 when DOT_F32."""
     d = tl.arange(0, BLOCK_D)
@@ -83,16 +94,10 @@ def _relation_fwd_kernel(
     start, seqlen = _seq_bounds(CU, b, L, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
-    if VARLEN:
-        bat = start * sat_l + r * sat_r
-        bbt = start * sbt_l + r * sbt_r
-        bas = start * sas_l + r * sas_r
-        bbs = start * sbs_l + r * sbs_r
-    else:
-        bat = b.to(tl.int64) * sat_b + r * sat_r
-        bbt = b.to(tl.int64) * sbt_b + r * sbt_r
-        bas = b.to(tl.int64) * sas_b + r * sas_r
-        bbs = b.to(tl.int64) * sbs_b + r * sbs_r
+    bat = _base(start, b, r, sat_b, sat_l, sat_r, VARLEN)
+    bbt = _base(start, b, r, sbt_b, sbt_l, sbt_r, VARLEN)
+    bas = _base(start, b, r, sas_b, sas_l, sas_r, VARLEN)
+    bbs = _base(start, b, r, sbs_b, sbs_l, sbs_r, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < seqlen
     real_m = in_m
@@ -173,18 +178,11 @@ def _relation_bwd_da_kernel(
     start, seqlen = _seq_bounds(CU, b, L, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
-    if VARLEN:
-        bat = start * sat_l + r * sat_r
-        bbt = start * sbt_l + r * sbt_r
-        bas = start * sas_l + r * sas_r
-        bbs = start * sbs_l + r * sbs_r
-        bda = start * sda_l + r * sda_r
-    else:
-        bat = b.to(tl.int64) * sat_b + r * sat_r
-        bbt = b.to(tl.int64) * sbt_b + r * sbt_r
-        bas = b.to(tl.int64) * sas_b + r * sas_r
-        bbs = b.to(tl.int64) * sbs_b + r * sbs_r
-        bda = b.to(tl.int64) * sda_b + r * sda_r
+    bat = _base(start, b, r, sat_b, sat_l, sat_r, VARLEN)
+    bbt = _base(start, b, r, sbt_b, sbt_l, sbt_r, VARLEN)
+    bas = _base(start, b, r, sas_b, sas_l, sas_r, VARLEN)
+    bbs = _base(start, b, r, sbs_b, sbs_l, sbs_r, VARLEN)
+    bda = _base(start, b, r, sda_b, sda_l, sda_r, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = offs_m < seqlen
     real_m = in_m
@@ -243,18 +241,11 @@ def _relation_bwd_db_kernel(
     start, seqlen = _seq_bounds(CU, b, L, VARLEN)
     if pid_n * BLOCK_N >= seqlen:
         return
-    if VARLEN:
-        bat = start * sat_l + r * sat_r
-        bbt = start * sbt_l + r * sbt_r
-        bas = start * sas_l + r * sas_r
-        bbs = start * sbs_l + r * sbs_r
-        bdb = start * sdb_l + r * sdb_r
-    else:
-        bat = b.to(tl.int64) * sat_b + r * sat_r
-        bbt = b.to(tl.int64) * sbt_b + r * sbt_r
-        bas = b.to(tl.int64) * sas_b + r * sas_r
-        bbs = b.to(tl.int64) * sbs_b + r * sbs_r
-        bdb = b.to(tl.int64) * sdb_b + r * sdb_r
+    bat = _base(start, b, r, sat_b, sat_l, sat_r, VARLEN)
+    bbt = _base(start, b, r, sbt_b, sbt_l, sbt_r, VARLEN)
+    bas = _base(start, b, r, sas_b, sas_l, sas_r, VARLEN)
+    bbs = _base(start, b, r, sbs_b, sbs_l, sbs_r, VARLEN)
+    bdb = _base(start, b, r, sdb_b, sdb_l, sdb_r, VARLEN)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < seqlen
     real_n = in_n
