@@ -3,19 +3,57 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
+# Tested versions (pip -c): a release elsewhere cannot change what CI installs. `make constraints` refreshes them.
+CONSTRAINTS ?= constraints/ci.txt
+TORCH ?= torch==2.13.0
+TF4 := .venv-tf4
+LATEST := .venv-latest
+# What the transformers 4.x venv runs: the code that follows transformers' signatures (patch, loading).
+TF4_TESTS := tests/test_patch.py tests/test_loading.py tests/test_versions.py
 
-.PHONY: setup demo test test-fast check-kernels bench perf clean
+.PHONY: setup demo test test-fast test-tf4 test-latest constraints check-kernels check-kernels-full bench perf gpu-check clean
 
 setup: $(VENV)/.installed
 
 # torch==2.13.0 first: on a CPU machine that is the CPU wheel, and it satisfies pyproject's range, so nothing
 # later pulls a multi-GB CUDA build. --no-build-isolation builds the C++ extension against that same torch.
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h)
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-build-isolation -e ".[test,bench]"
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-build-isolation -e ".[test,bench]"
 	touch $@
+
+# The other transformers major (4.x), same torch, patch and loading tests only. No C++ build here
+# (FASTDISTIL_NO_EXT=1): the editable install imports the fastdistil/_C*.so that `setup` built in place against
+# the same torch, so the native backend runs in both venvs.
+$(TF4)/.installed: pyproject.toml setup.py constraints/transformers4.txt | setup
+	$(PY) -m venv $(TF4)
+	$(TF4)/bin/pip install -q -c constraints/transformers4.txt --upgrade pip setuptools wheel
+	$(TF4)/bin/pip install -q -c constraints/transformers4.txt $(TORCH)
+	FASTDISTIL_NO_EXT=1 $(TF4)/bin/pip install -q -c constraints/transformers4.txt --no-build-isolation -e ".[test]"
+	touch $@
+
+test-tf4: $(TF4)/.installed
+	$(TF4)/bin/python -m pytest -q -p no:randomly $(TF4_TESTS)
+
+# The whole suite against the newest releases of everything but torch (a fresh venv, no constraints): run it to
+# see whether a refresh of the pins is safe. The C++ extension is rebuilt in place against the same torch.
+test-latest:
+	rm -rf $(LATEST)
+	$(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip setuptools wheel
+	$(LATEST)/bin/pip install -q $(TORCH)
+	$(LATEST)/bin/pip install -q --upgrade --no-build-isolation -e ".[test,bench]"
+	$(LATEST)/bin/pip list 2>/dev/null | grep -iE '^(torch|transformers|triton|sentence-transformers|tokenizers) '
+	$(LATEST)/bin/python -m pytest -q -p no:randomly tests
+
+# Rewrite the pins with what a fresh resolve picks today (nothing is installed); then run `make test test-tf4`.
+# Any venv's pip does the resolving: an existing .venv is used as it is (no C++ rebuild first).
+constraints:
+	test -x $(BIN)/python || $(MAKE) setup
+	$(BIN)/python constraints/refresh.py constraints/ci.txt $(TORCH) -e ".[test,bench]"
+	$(BIN)/python constraints/refresh.py constraints/transformers4.txt $(TORCH) "transformers<5" -e ".[test]"
 
 demo: setup
 	$(BIN)/fastdistil demo
@@ -23,11 +61,32 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -p no:randomly tests
 
+# CI builds every configuration for sm_80 and sm_90 with the divisibility hints aligned tensors get (what BERT
+# widths launch; ~1,000 builds, ~4.5 min on 2 cores); check-kernels-full adds the variants without hints (~2,000
+# builds, ~9 min): run it when kernels or their configurations change.
 check-kernels: setup
-	$(BIN)/fastdistil check-kernels --arch 80,90
+	$(BIN)/fastdistil check-kernels --arch 80,90 --align aligned
+
+check-kernels-full: setup
+	$(BIN)/fastdistil check-kernels --arch 80,90 --align aligned,unaligned
 
 bench: setup
 	$(BIN)/python -m pytest -q benchmarks --benchmark-only
 
+# On a GPU machine (CUDA torch + triton installed, no internet needed): installs this checkout into $(PY) (the
+# system python3, not the venv; no downloads, no C++ build), then the CUDA test suite, `fastdistil bench --device
+# cuda`, model-perf and a kernel profile, each under its own time limit within BUDGET seconds (fastdistil/gpucheck.py).
+# OUT=dir (default out/gpu-check-<date>), TAR=file.tgz (default OUT.tgz), ARGS=more options
+# (e.g. ARGS="--tests-limit 90"). Exits 2 at once without CUDA.
+# DRY=1: the same logic on the CPU in the venv (Triton interpreter, tiny shapes): what CI runs.
+BUDGET ?= 420
+ifdef DRY
+gpu-check: setup
+	$(BIN)/python -m fastdistil.gpucheck --dry-run --budget $(BUDGET) $(if $(OUT),--out $(OUT)) $(if $(TAR),--tar $(TAR))
+else
+gpu-check:
+	$(PY) -m fastdistil.gpucheck --install --budget $(BUDGET) $(if $(OUT),--out $(OUT)) $(if $(TAR),--tar $(TAR)) $(ARGS)
+endif
+
 clean:
-	rm -rf $(VENV) build *.egg-info fastdistil/_C*.so
+	rm -rf $(VENV) $(TF4) $(LATEST) build *.egg-info fastdistil/_C*.so
