@@ -45,41 +45,50 @@ Schedule schedule(const int64_t* cq, const int64_t* ck, int64_t B, int64_t H, in
   return sc;
 }
 
-// cu_seqlens as int64 on the host, validated: starts at 0, non-decreasing, ends at T.
-std::vector<int64_t> host_cu(const Tensor& cu_seqlens, int64_t T, int64_t max_seqlen) {
-  check_cpu(cu_seqlens, "cu_seqlens");
-  TORCH_CHECK(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, "fastdistil native: cu_seqlens must be (B+1,), got ",
-              cu_seqlens.sizes());
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
-              "fastdistil native: cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
+// cu_seqlens as int64 on the host, validated: starts at 0, non-decreasing, ends at T; and the longest length,
+// which sizes the scratch buffers (never the caller's max_seqlen: 2**62 there wrapped the size to a few bytes).
+// max_seqlen must lie between the longest length and T, the rule of the public op (ops/checks.py).
+std::vector<int64_t> host_cu(const Tensor& cu_seqlens, int64_t T, int64_t max_seqlen, const char* name,
+                             int64_t* longest) {
+  check_cpu(cu_seqlens, name);
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, "fastdistil native: ", name,
+                    " must be (B+1,), got ", cu_seqlens.sizes());
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
+                   "fastdistil native: ", name, " must be int32 or int64, got ", cu_seqlens.scalar_type());
   Tensor c = cu_seqlens.to(at::kLong).contiguous();
   std::vector<int64_t> cu(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
-  TORCH_CHECK(cu.front() == 0, "fastdistil native: cu_seqlens[0] must be 0, got ", cu.front());
-  TORCH_CHECK(cu.back() == T, "fastdistil native: cu_seqlens[-1] must equal the number of tokens ", T, ", got ",
-              cu.back());
+  TORCH_CHECK_VALUE(cu.front() == 0, "fastdistil native: ", name, "[0] must be 0, got ", cu.front());
+  TORCH_CHECK_VALUE(cu.back() == T, "fastdistil native: ", name, "[-1] must equal the number of tokens ", T, ", got ",
+                    cu.back());
+  int64_t lmax = 0;
   for (size_t i = 1; i < cu.size(); ++i) {
-    const int64_t L = cu[i] - cu[i - 1];
-    TORCH_CHECK(L >= 0, "fastdistil native: cu_seqlens must be non-decreasing");
-    TORCH_CHECK(L <= max_seqlen, "fastdistil native: sequence ", i - 1, " has length ", L, " > max_seqlen ",
-                max_seqlen);
+    TORCH_CHECK_VALUE(cu[i] >= cu[i - 1], "fastdistil native: ", name, " must be non-decreasing, got ", cu[i - 1],
+                      " then ", cu[i], " at index ", i);
+    lmax = std::max(lmax, cu[i] - cu[i - 1]);
   }
+  TORCH_CHECK_VALUE(lmax <= max_seqlen && max_seqlen <= T, "fastdistil native: max_seqlen must lie between the ",
+                    "longest sequence (", lmax, ") and the token count (", T, "), got ", max_seqlen);
+  *longest = lmax;
   return cu;
 }
 
 void check_qkv(const Tensor& t, const char* name, const Tensor& q, bool same_tokens = true) {
-  TORCH_CHECK(t.dim() == 3, "fastdistil native: ", name, " must be (T, H, D), got ", t.sizes());
-  TORCH_CHECK(t.size(1) == q.size(1) && t.size(2) == q.size(2) && (!same_tokens || t.size(0) == q.size(0)),
-              "fastdistil native: ", name, " has shape ", t.sizes(), ", q has ", q.sizes());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "fastdistil native: q, k, v must share a dtype");
-  TORCH_CHECK(t.stride(2) == 1 || t.size(2) == 1, "fastdistil native: ", name,
-              " must be contiguous in its last (head) dimension, got strides ", t.strides());
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(2) > 0, "fastdistil native: ", name, " must be (T, H, D) with D > 0, got ",
+                    t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) == q.size(1) && t.size(2) == q.size(2) && (!same_tokens || t.size(0) == q.size(0)),
+                    "fastdistil native: ", name, " has shape ", t.sizes(), ", q has ", q.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "fastdistil native: ", name, " must have q's dtype ",
+                   q.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.stride(2) == 1 || t.size(2) == 1, "fastdistil native: ", name,
+                    " must be contiguous in its last (head) dimension, got strides ", t.strides());
 }
 
 // Run `fn(task, work)` over every (sequence, head) with a per-thread scratch buffer of `work_floats`.
 template <typename F>
 void for_each_task(const std::vector<int64_t>& cq, const std::vector<int64_t>& ck, int64_t H, size_t work_floats,
                    F fn) {
-  TORCH_CHECK(cq.size() == ck.size(), "fastdistil native: cu_seqlens_q and cu_seqlens_k must have one length");
+  TORCH_CHECK_VALUE(cq.size() == ck.size(), "fastdistil native: cu_seqlens and cu_seqlens_k must have one length");
   const int64_t B = static_cast<int64_t>(cq.size()) - 1;
   // Small problems (a batch-1 request) stay on the calling thread: a parallel region costs more than it saves,
   // and on a shared machine waking a second thread can cost a scheduler slice.
@@ -106,9 +115,10 @@ std::vector<Tensor> varlen_attention_fwd(const Tensor& q, const Tensor& k, const
   check_qkv(k, "k", q, !cross);
   check_qkv(v, "v", k);
   const int64_t Tq = q.size(0), Tk = k.size(0), H = q.size(1), D = q.size(2);
-  const auto cq = host_cu(cu_seqlens, Tq, max_seqlen);
-  const auto ck = cross ? host_cu(*cu_seqlens_k, Tk, max_seqlen_k) : cq;
-  const int64_t max_k = cross ? max_seqlen_k : max_seqlen;
+  int64_t max_q = 0, max_k = 0;
+  const auto cq = host_cu(cu_seqlens, Tq, max_seqlen, "cu_seqlens", &max_q);
+  const auto ck = cross ? host_cu(*cu_seqlens_k, Tk, max_seqlen_k, "cu_seqlens_k", &max_k) : cq;
+  if (!cross) max_k = max_q;
   const uint32_t thr = threshold_of(dropout_p);
   // With separate key lengths a query may have no key: its output is zeros and its lse -inf.
   Tensor o = cross ? at::zeros({Tq, H, D}, q.options()) : at::empty({Tq, H, D}, q.options());
@@ -153,12 +163,15 @@ std::vector<Tensor> varlen_attention_bwd(const Tensor& dout, const Tensor& q, co
   check_qkv(o, "o", q);
   check_qkv(dout, "dout", q);
   const int64_t Tq = q.size(0), Tk = k.size(0), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == Tq && lse.size(1) == H &&
-                  lse.is_contiguous(),
-              "fastdistil native: lse must be a contiguous float32 (T, H) tensor, got ", lse.sizes());
-  const auto cq = host_cu(cu_seqlens, Tq, max_seqlen);
-  const auto ck = cross ? host_cu(*cu_seqlens_k, Tk, max_seqlen_k) : cq;
-  const int64_t max_k = cross ? max_seqlen_k : max_seqlen;
+  check_cpu(lse, "lse");
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == Tq && lse.size(1) == H &&
+                        lse.is_contiguous(),
+                    "fastdistil native: lse must be a contiguous float32 (T, H) tensor, got ", lse.scalar_type(), " ",
+                    lse.sizes(), " with strides ", lse.strides());
+  int64_t max_q = 0, max_k = 0;
+  const auto cq = host_cu(cu_seqlens, Tq, max_seqlen, "cu_seqlens", &max_q);
+  const auto ck = cross ? host_cu(*cu_seqlens_k, Tk, max_seqlen_k, "cu_seqlens_k", &max_k) : cq;
+  if (!cross) max_k = max_q;
   const uint32_t thr = threshold_of(dropout_p);
   auto make = [&](int64_t T) { return cross ? at::zeros({T, H, D}, q.options()) : at::empty({T, H, D}, q.options()); };
   Tensor dq = make(Tq), dk = make(Tk), dv = make(Tk);
@@ -190,14 +203,15 @@ std::vector<Tensor> varlen_attention_bwd(const Tensor& dout, const Tensor& q, co
 void attention_into(const Tensor& qkv, Tensor& out, const Tensor& cu_seqlens, int64_t n_head, int64_t max_seqlen) {
   const int dt = dtype_index(qkv, "qkv");
   const int64_t T = qkv.size(0), d = qkv.size(1) / 3, H = n_head, D = d / H;
-  const auto cu = host_cu(cu_seqlens, T, max_seqlen);
+  int64_t longest = 0;
+  const auto cu = host_cu(cu_seqlens, T, max_seqlen, "cu_seqlens", &longest);
   if (T == 0) return;
   const size_t esz = qkv.element_size();
   const char* base = static_cast<const char*>(qkv.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
   const auto kernel = kernels().attn_fwd[dt];
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  for_each_task(cu, cu, H, attn_fwd_work(max_seqlen, D), [&](int64_t task, float* work) {
+  for_each_task(cu, cu, H, attn_fwd_work(longest, D), [&](int64_t task, float* work) {
     const int64_t b = task / H, h = task % H, s0 = cu[b];
     AttnFwdArgs a;
     a.Lq = cu[b + 1] - s0;
@@ -216,6 +230,7 @@ void attention_into(const Tensor& qkv, Tensor& out, const Tensor& cu_seqlens, in
 // The keep mask (rows x cols, scaled 0 or 1/(1-p)) that attention stream `stream` = b * H + h uses for seed.
 Tensor dropout_keep_mask(int64_t seed, int64_t stream, int64_t rows, int64_t cols, double p) {
   const uint32_t thr = threshold_of(p);
+  mul_checked(rows, cols);  // rows, cols >= 0 and their product fits
   Tensor m = at::empty({rows, cols}, at::kFloat);
   float* mp = m.data_ptr<float>();
   const uint32_t key = stream_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(stream));

@@ -17,7 +17,8 @@ GeluArgs rows_args(const Tensor& x, const Tensor& b, int64_t N, bool tanh_approx
 
 Tensor bias_gelu_fwd(const Tensor& x, const Tensor& bias, bool tanh_approx) {
   const int dt = dtype_index(x, "x");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "fastdistil native: x must be (..., N) with N > 0, got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "fastdistil native: x must be (..., N) with N > 0, got ",
+                    x.sizes());
   const int64_t N = x.size(-1);
   Tensor xr = x.contiguous().view({-1, N});
   Tensor b = param_like(bias, x, "bias", N);
@@ -35,9 +36,10 @@ Tensor bias_gelu_fwd(const Tensor& x, const Tensor& bias, bool tanh_approx) {
 
 std::vector<Tensor> bias_gelu_bwd(const Tensor& dy, const Tensor& x, const Tensor& bias, bool tanh_approx) {
   const int dt = dtype_index(x, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "fastdistil native: x must be (..., N) with N > 0, got ",
+                    x.sizes());
   const int64_t N = x.size(-1);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "fastdistil native: dy must match x (", x.sizes(), ", ", x.scalar_type(), ")");
+  check_like(dy, "dy", x);
   Tensor xr = x.contiguous().view({-1, N}), dyr = dy.contiguous().view({-1, N});
   const int64_t R = xr.size(0);
   Tensor b = param_like(bias, x, "bias", N);

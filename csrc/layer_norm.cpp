@@ -7,12 +7,7 @@
 namespace fd {
 namespace {
 
-void check_rows(const Tensor& t, const char* name, const Tensor& x) {
-  TORCH_CHECK(t.sizes() == x.sizes(), "fastdistil native: ", name, " has shape ", t.sizes(), ", expected ", x.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastdistil native: ", name, " must have x's dtype ",
-              x.scalar_type(), ", got ", t.scalar_type());
-  check_cpu(t, name);
-}
+void check_rows(const Tensor& t, const char* name, const Tensor& x) { check_like(t, name, x); }
 
 // Rows of a (..., N) tensor as a contiguous (R, N) matrix (a copy only when the input is not contiguous).
 Tensor as_rows(const Tensor& t, int64_t N) { return t.contiguous().view({-1, N}); }
@@ -23,7 +18,8 @@ std::vector<Tensor> layer_norm_fwd(const Tensor& x, const Tensor& weight, const 
                                    const OptTensor& residual, const OptTensor& input_bias, double dropout_p,
                                    int64_t seed, bool save) {
   const int dt = dtype_index(x, "x");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "fastdistil native: x must be (..., N) with N > 0, got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, "fastdistil native: x must be (..., N) with N > 0, got ",
+                    x.sizes());
   const int64_t N = x.size(-1);
   Tensor xr = as_rows(x, N);
   const int64_t R = xr.size(0);
@@ -64,11 +60,15 @@ std::vector<Tensor> layer_norm_fwd(const Tensor& x, const Tensor& weight, const 
 std::vector<Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& sum, const Tensor& mean, const Tensor& rstd,
                                    const Tensor& weight, double dropout_p, int64_t seed) {
   const int dt = dtype_index(sum, "sum");
+  TORCH_CHECK_VALUE(sum.dim() >= 1 && sum.size(-1) > 0, "fastdistil native: sum must be (..., N) with N > 0, got ",
+                    sum.sizes());
   const int64_t N = sum.size(-1);
   check_rows(dy, "dy", sum);
+  check_cpu(mean, "mean");
+  check_cpu(rstd, "rstd");
   Tensor dyr = as_rows(dy, N), sr = as_rows(sum, N);
   const int64_t R = sr.size(0);
-  TORCH_CHECK(mean.numel() == R && rstd.numel() == R && mean.scalar_type() == at::kFloat &&
+  TORCH_CHECK_VALUE(mean.numel() == R && rstd.numel() == R && mean.scalar_type() == at::kFloat &&
                   rstd.scalar_type() == at::kFloat && mean.is_contiguous() && rstd.is_contiguous(),
               "fastdistil native: mean and rstd must be contiguous float32 with one value per row");
   Tensor w = param_like(weight, sum, "weight", N);

@@ -19,7 +19,9 @@ using OptTensor = std::optional<Tensor>;
 
 // ---- shared checks ----
 int dtype_index(const Tensor& t, const char* name);  // kF32 or kBF16, else a clear error
-void check_cpu(const Tensor& t, const char* name);
+void check_cpu(const Tensor& t, const char* name);   // defined, on the CPU, dense
+void check_like(const Tensor& t, const char* name, const Tensor& x);  // CPU, x's dtype and shape
+int64_t mul_checked(int64_t a, int64_t b);            // a * b of sizes >= 0, or a clear error on overflow
 uint32_t threshold_of(double p);
 Tensor param_like(const Tensor& p, const Tensor& x, const char* name, int64_t n);  // (n,) contiguous, x's dtype
 

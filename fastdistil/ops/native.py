@@ -10,8 +10,9 @@ Dropout masks come from a counter-based hash of a seed drawn from torch's defaul
 (``torch.manual_seed`` makes them reproducible) and are regenerated in the backward pass, never stored.
 
 Inference: ``encoder_layer`` runs a whole BERT layer with QKV as one GEMM over the concatenated weight: by default
-its GEMMs go to oneDNN's prepacked matmul (weights reordered once per layer and cached) and the rest to the C++
-kernels; with FASTDISTIL_NATIVE_GEMM=blas the whole layer is one C++ call (csrc/layer.cpp) on ATen's addmm.
+its GEMMs go to oneDNN's prepacked matmul (weights reordered once per layer and cached, see _packed) and the rest
+to the C++ kernels; with FASTDISTIL_NATIVE_GEMM=blas, for bfloat16 on CPUs where oneDNN cannot prepack it, and for
+inference-tensor weights the whole layer is one C++ call (csrc/layer.cpp) on ATen's addmm.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from .. import _C, reference
 from ..padding import gather, unpad
+from ..weight_cache import derived_cache
 from .dispatch import register
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
@@ -91,6 +93,7 @@ def attention(q, k, v, attention_mask=None, *, dropout_p=0.0, softmax_scale=None
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
     qt = q.transpose(1, 2).reshape(B * L, H, D)  # (B L, H, D)
     cu_q = torch.arange(0, (B + 1) * L, L, dtype=torch.int32)
+    max_q = L if B else 0  # max_seqlen may not exceed the token count
     if attention_mask is None:
         kt, vt = k.transpose(1, 2).reshape(B * L, H, D), v.transpose(1, 2).reshape(B * L, H, D)
         cu_k, max_k = None, 0
@@ -100,9 +103,9 @@ def attention(q, k, v, attention_mask=None, *, dropout_p=0.0, softmax_scale=None
         cu_k, max_k = p.cu_seqlens, p.max_seqlen
     seed = _seed() if dropout_p > 0.0 else 0
     if _needs_grad(q, k, v):
-        o = _VarlenAttention.apply(qt, kt, vt, cu_q, L, cu_k, max_k, scale, dropout_p, seed)
+        o = _VarlenAttention.apply(qt, kt, vt, cu_q, max_q, cu_k, max_k, scale, dropout_p, seed)
     else:
-        o = _C.varlen_attention_fwd(qt, kt, vt, cu_q, L, scale, dropout_p, seed, False, cu_k, max_k)[0]
+        o = _C.varlen_attention_fwd(qt, kt, vt, cu_q, max_q, scale, dropout_p, seed, False, cu_k, max_k)[0]
     return o.view(B, L, H, D).transpose(1, 2)
 
 
@@ -219,29 +222,37 @@ def embed_layer_norm(ids, tt, pos, word, posw, typew, ln_w, ln_b, eps):
 
 # ------------------------------------------------------------------------------------------ whole layer (inference)
 def _layer_weights(layer):
-    """The 12 tensors of encoder_layer, cached on the layer while its fused QKV weight is unchanged (the list holds
-    the Parameter objects, so in-place updates of the other weights are seen without a rebuild)."""
+    """The 12 tensors of encoder_layer (or None when one has another dtype or is not contiguous) and the two eps.
+    Gathered per call (a dozen attribute reads): a cached list kept replaced Parameters alive and in use."""
     w, b = layer.qkv_weight()
-    cache = getattr(layer, "_native_weights", None)
-    if cache is None or cache[0] is not w:
-        a, o = layer.attention["output"], layer.output
-        ws = [w, b, a["dense"].weight, a["dense"].bias, a["LayerNorm"].weight, a["LayerNorm"].bias,
-              layer.intermediate["dense"].weight, layer.intermediate["dense"].bias, o["dense"].weight, o["dense"].bias,
-              o["LayerNorm"].weight, o["LayerNorm"].bias]
-        ok = all(t.dtype == w.dtype and t.is_contiguous() for t in ws) and w.dtype in _NATIVE_DTYPES
-        cache = (w, ws if ok else None, (a["LayerNorm"].eps, o["LayerNorm"].eps))
-        layer._native_weights = cache
-    return cache[1], cache[2]
+    a, o = layer.attention["output"], layer.output
+    ws = [w, b, a["dense"].weight, a["dense"].bias, a["LayerNorm"].weight, a["LayerNorm"].bias,
+          layer.intermediate["dense"].weight, layer.intermediate["dense"].bias, o["dense"].weight, o["dense"].bias,
+          o["LayerNorm"].weight, o["LayerNorm"].bias]
+    ok = w.dtype in _NATIVE_DTYPES and all(t.dtype == w.dtype and t.is_contiguous() for t in ws)
+    return ws if ok else None, (a["LayerNorm"].eps, o["LayerNorm"].eps)
 
 
 _ONEDNN: dict = {}
 
 
-def _use_onednn() -> bool:
+def _onednn_bf16() -> bool:
+    """Whether oneDNN can reorder (prepack) bfloat16 weights on this CPU: it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+    (an AVX2-only CPU such as AMD Zen 3 has neither and raises "mkldnn_reorder_linear_weight: bf16 path needs the cpu
+    support ..."). Asked once, at the first bf16 layer, with torch's own predicate (torch >= 2.0; absent: False).
+    One module-level function so tests can patch it."""
+    if "bf16" not in _ONEDNN:
+        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        _ONEDNN["bf16"] = bool(probe is not None and torch.backends.mkldnn.is_available() and probe())
+    return _ONEDNN["bf16"]
+
+
+def _use_onednn(ws) -> bool:
     """GEMMs of inference layers on oneDNN's prepacked matmul unless FASTDISTIL_NATIVE_GEMM=blas (ATen's addmm:
     MKL sgemm in fp32) or this torch has no oneDNN. Measured on the 2-core AMD EPYC (AVX-512) of this project:
     oneDNN's fp32 GEMMs are 2.2x (32 x 128 batch) to 2.6x (batch 1) faster than MKL's, at the same accuracy
-    against transformers (both ~1e-5: fp32 sums in a different order)."""
+    against transformers (both ~1e-5: fp32 sums in a different order). Also the BLAS route: bfloat16 where oneDNN
+    cannot prepack it (see _onednn_bf16), and inference-tensor weights (see _packed)."""
     choice = os.environ.get("FASTDISTIL_NATIVE_GEMM", "onednn").lower()
     if choice not in ("onednn", "blas"):
         raise ValueError(f"FASTDISTIL_NATIVE_GEMM must be 'onednn' or 'blas', got {choice!r}")
@@ -250,21 +261,26 @@ def _use_onednn() -> bool:
     if "ok" not in _ONEDNN:
         _ONEDNN["ok"] = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                          and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-    return _ONEDNN["ok"]
+    if not _ONEDNN["ok"] or any(ws[i].is_inference() for i in (0, 2, 6, 8)):
+        return False
+    return ws[0].dtype != torch.bfloat16 or _onednn_bf16()
 
 
 def _packed(layer, ws):
-    """oneDNN-reordered copies of the four GEMM weights, rebuilt when any of them changes (new tensor, or an
-    in-place update: the key holds each weight's storage and version)."""
-    key = tuple((ws[i].data_ptr(), 0 if ws[i].is_inference() else ws[i]._version, ws[i].dtype)
-                for i in (0, 2, 6, 8))  # the fused QKV is replaced (never updated) when q, k or v change
-    cache = getattr(layer, "_native_packed", None)
-    if cache is None or cache[0] != key:
+    """oneDNN-reordered copies of the four GEMM weights, held in the layer's derived-tensor cache (invisible to
+    deepcopy, pickle and state_dict: packed tensors have no storage to save) and rebuilt when any of the four is
+    another tensor or was updated in place (version counter). Never for inference tensors, which inference_mode
+    updates in place without a version bump (load_state_dict under inference_mode): _use_onednn sends those to
+    the BLAS route, which reads the weights as they are on every call."""
+    src = [ws[i] for i in (0, 2, 6, 8)]  # the fused QKV is replaced (never updated) when q, k or v change
+    key = [(t.data_ptr(), t._version) for t in src]
+    cache = derived_cache(layer)
+    hit = cache.get("onednn")
+    if hit is None or any(a is not b for a, b in zip(hit[0], src)) or hit[1] != key:
         reorder = torch.ops.mkldnn._reorder_linear_weight
         with torch.no_grad():
-            cache = (key, [reorder(ws[i].detach(), 32) for i in (0, 2, 6, 8)])
-        layer._native_packed = cache
-    return cache[1]
+            hit = cache["onednn"] = (src, key, [reorder(t.detach(), 32) for t in src])
+    return hit[2]
 
 
 def _encoder_layer_onednn(layer, ws, eps1, eps2, x, p):
@@ -289,7 +305,7 @@ def encoder_layer(layer, x, p):
     ws, (eps1, eps2) = _layer_weights(layer)
     if ws is None or x.dtype != ws[0].dtype or not x.is_contiguous():
         return layer.forward_ops(x, p)
-    if _use_onednn() and x.shape[0] > 0:
+    if x.shape[0] > 0 and _use_onednn(ws):
         return _encoder_layer_onednn(layer, ws, eps1, eps2, x, p)
     return _C.encoder_layer(x, ws, p.cu_seqlens, p.max_seqlen, layer.n_head, eps1, eps2,
                             layer.gelu_approximate == "tanh")

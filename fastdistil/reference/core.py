@@ -57,7 +57,11 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
     Returns:
         S + (N,) tensor in the tables' dtype.
     """
-    x = word_weight[input_ids] + type_weight[token_type_ids] + position_weight[position_ids]  # transformers' order
+    # F.embedding, not table[ids]: the backward of advanced indexing (index_put_ with accumulate) adds rows with
+    # float atomics in parallel on CPU (torch 2.13, > 1 thread), so the tables' gradients changed from run to run;
+    # embedding's backward sums each row in token order (transformers' nn.Embedding does the same).
+    x = (F.embedding(input_ids, word_weight) + F.embedding(token_type_ids, type_weight)
+         + F.embedding(position_ids, position_weight))  # transformers' order
     return layer_norm(x, ln_weight, ln_bias, eps)
 
 
@@ -80,7 +84,7 @@ def attention(q, k, v, attention_mask=None, *, dropout_p: float = 0.0, softmax_s
     if attention_mask is not None:
         keep = attention_mask.to(torch.bool)[:, None, None, :]  # (B, 1, 1, L)
         # a finite bias (as transformers adds) keeps all-padding rows finite; they are zeroed below
-        s = s.masked_fill(~keep, torch.finfo(compute).min)
+        s = s.masked_fill(~keep, torch.finfo(s.dtype).min)  # s.dtype: under autocast the matmul may be bf16
     p = torch.softmax(s, dim=-1)
     if attention_mask is not None:
         p = p * keep.any(dim=-1, keepdim=True).to(compute)  # a query with no real key attends to nothing
