@@ -33,7 +33,7 @@ def unpad(attention_mask: torch.Tensor | None, batch: int, seqlen: int, device=N
     """
     if attention_mask is None:
         cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
-        return Packing(None, cu, seqlen, batch, seqlen)
+        return Packing(None, cu, seqlen if batch else 0, batch, seqlen)
     mask = attention_mask.to(torch.bool)
     lens = mask.sum(dim=1, dtype=torch.int32)  # (B,)
     cu = torch.nn.functional.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
