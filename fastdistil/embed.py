@@ -7,6 +7,7 @@ returned in the caller's order.
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 
 import torch
@@ -17,9 +18,9 @@ def load_tokenizer(model):
     src = getattr(model, "name_or_path", None)
     if not src:
         raise ValueError("this model was not loaded from a directory; pass tokenizer= (a transformers tokenizer)")
-    from transformers import AutoTokenizer
+    from .loading import load_tokenizer as checked_tokenizer
     try:
-        return AutoTokenizer.from_pretrained(src)
+        return checked_tokenizer(src, model.config.vocab_size)  # refuses a tokenizer that does not fit
     except Exception as e:
         raise OSError(f"no usable tokenizer in {src} ({type(e).__name__}: {e}); pass tokenizer=") from None
 
@@ -65,8 +66,11 @@ def encode(model, texts, tokenizer=None, *, batch_size: int = 64, normalize: boo
     texts = list(texts)
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must be a list of strings")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or
+                                   max_length < 2):
+        raise ValueError(f"max_length must be None or an integer >= 2 ([CLS] and [SEP]), got {max_length!r}")
     tok = tokenizer or load_tokenizer(model)
     st = sentence_settings(model)
     max_length = max_length or st["max_seq_length"] or model.config.max_position_embeddings
@@ -75,24 +79,24 @@ def encode(model, texts, tokenizer=None, *, batch_size: int = 64, normalize: boo
     order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
     out = torch.empty(len(texts), model.config.hidden_size, dtype=torch.float32)
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(texts), desc="embedding", unit="text", disable=not show_progress)
     dev = model.device
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        L = max(len(ids[i]) for i in idx)
-        batch = torch.full((len(idx), L), tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros(len(idx), L, dtype=torch.long)
-        for r, i in enumerate(idx):
-            batch[r, :len(ids[i])] = torch.tensor(ids[i])
-            mask[r, :len(ids[i])] = 1
-        tids, tt, pos, p = model.prepare(batch.to(dev), mask.to(dev))
-        x, _ = model.forward_packed(tids, tt, pos, p)  # (T, d)
-        e = pool_packed(x.float(), p.cu_seqlens, st["pooling"])
-        if normalize:
-            e = torch.nn.functional.normalize(e, dim=-1)
-        out[torch.tensor(idx)] = e.cpu()
-        bar.update(len(idx))
-    bar.close()
+    # closed on the way out of an exception too (Ctrl-C): a bar left open redraws after the CLI's last line
+    with tqdm(total=len(texts), desc="embedding", unit="text", disable=not show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            L = max(len(ids[i]) for i in idx)
+            batch = torch.full((len(idx), L), tok.pad_token_id or 0, dtype=torch.long)
+            mask = torch.zeros(len(idx), L, dtype=torch.long)
+            for r, i in enumerate(idx):
+                batch[r, :len(ids[i])] = torch.tensor(ids[i])
+                mask[r, :len(ids[i])] = 1
+            tids, tt, pos, p = model.prepare(batch.to(dev), mask.to(dev))
+            x, _ = model.forward_packed(tids, tt, pos, p)  # (T, d)
+            e = pool_packed(x.float(), p.cu_seqlens, st["pooling"])
+            if normalize:
+                e = torch.nn.functional.normalize(e, dim=-1)
+            out[torch.tensor(idx)] = e.cpu()
+            bar.update(len(idx))
     return out
 
 

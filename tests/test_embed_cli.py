@@ -44,8 +44,8 @@ def test_embed_command(tmp_path, minilm_dir):
     src.write_text("\n".join(TEXTS) + "\n\n")
     out = tmp_path / "emb.npy"
     assert main(["embed", "--model", str(minilm_dir), "--input", str(src), "--output", str(out)]) == 0
-    emb = np.load(out)
-    assert emb.shape == (len(TEXTS), 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    emb = np.load(out)  # the blank last line is a row too (the empty text): row i is always line i + 1
+    assert emb.shape == (len(TEXTS) + 1, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     assert main(["embed", "--input", str(tmp_path / "missing.txt"), "--output", str(out)]) == 1
 
 

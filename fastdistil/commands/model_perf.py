@@ -6,28 +6,29 @@ import json
 
 
 def add_parser(sub):
+    from ..cli import int_at_least, positive_float
     p = sub.add_parser("model-perf", help="modeled GPU time of fastdistil vs transformers (no GPU needed)",
                        description="time(kernel) = max(FLOPs / matrix rate, bytes / bandwidth) + launch overhead, "
                        "summed over fastdistil's kernels (from their cost functions) and over the aten ops "
                        "transformers runs for the same batch (recorded on CPU). Two launch regimes: eager and "
                        "CUDA-graph replay. Modeled, not measured.")
     p.add_argument("--gpu", default="h100", choices=("h100", "a100"), help="ceilings to model (default h100)")
-    p.add_argument("--workload", default="A", choices=("A", "B", "C"), help="workload (default A)")
+    p.add_argument("--workload", default="A", choices=("A", "B", "C", "large"), help="workload (default A)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32", "tf32"),
                    help="precision (default bf16; fp32 = PyTorch's default GEMMs without TF32)")
     p.add_argument("--train", action="store_true", help="also model a training step (forward + backward)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
-    p.add_argument("--bandwidth", type=float, metavar="TB/s", help="override HBM bandwidth")
-    p.add_argument("--tflops", type=float, metavar="TFLOP/s", help="override the matrix rate for --dtype")
-    p.add_argument("--launch-us", type=float, help="override the eager launch overhead (microseconds)")
-    p.add_argument("--graph-launch-us", type=float, help="override the graph-replay cost per kernel (us)")
+    p.add_argument("--bandwidth", type=positive_float, metavar="TB/s", help="override HBM bandwidth")
+    p.add_argument("--tflops", type=positive_float, metavar="TFLOP/s", help="override the matrix rate for --dtype")
+    p.add_argument("--launch-us", type=positive_float, help="override the eager launch overhead (microseconds)")
+    p.add_argument("--graph-launch-us", type=positive_float, help="override the graph-replay cost per kernel (us)")
     p.add_argument("--unfused", action="store_true", help="model library GEMMs + separate LayerNorm / GELU "
                    "kernels instead of the GEMMs with fused epilogues")
     p.add_argument("--peers", default="eager,sdpa", help="transformers attention implementations to record "
                    "(default eager,sdpa; the headline speedup is against eager)")
     p.add_argument("--compile", action="store_true", help="build the kernels for this GPU's arch with "
                    "fastdistil.compile_check (minutes) and cache the report for later runs")
-    p.add_argument("--jobs", type=int, default=2, help="parallel builds for --compile (default 2)")
+    p.add_argument("--jobs", type=int_at_least(1), default=2, help="parallel builds for --compile (default 2)")
     p.add_argument("--compile-report", metavar="FILE", help="read registers/spills from this report (the cache "
                    "or `fastdistil check-kernels --json` output) instead of the cache")
     p.add_argument("--summary", action="store_true", help="totals only, no per-kernel rows")

@@ -9,7 +9,7 @@ checkpoint or a subset of teacher layers, `DistillationTrainer` for transformers
 from .cache import TeacherCache
 from .corpus import default_corpus
 from .data import Batch, Examples, StepOrder, align_labels, collate, encode, read_examples
-from .distiller import ConstantPlan, Distiller, Phase
+from .distiller import ConstantPlan, Distiller, NonFiniteError, Phase
 from .models import (FastStudentForMaskedLM, Side, check_pair, forward_side, freeze_teacher, load_model,
                      student_from_teacher)
 from .objectives import (AttentionKL, HiddenCosine, HiddenMSE, LabelCE, LogitKD, LogitMSE, Objective,
@@ -25,9 +25,9 @@ def __getattr__(name):  # transformers is imported only when the Trainer subclas
     raise AttributeError(name)
 
 
-__all__ = ["Distiller", "Phase", "ConstantPlan", "TeacherCache", "default_corpus", "Batch", "Examples",
-           "StepOrder", "align_labels", "collate", "encode", "read_examples", "FastStudentForMaskedLM", "Side",
-           "check_pair", "forward_side", "freeze_teacher", "load_model", "student_from_teacher", "Objective",
+__all__ = ["Distiller", "Phase", "ConstantPlan", "TeacherCache", "default_corpus", "Batch", "Examples", "StepOrder",
+           "align_labels", "collate", "encode", "read_examples", "FastStudentForMaskedLM", "Side", "check_pair",
+           "forward_side", "freeze_teacher", "load_model", "student_from_teacher", "Objective", "NonFiniteError",
            "AttentionKL", "HiddenCosine", "HiddenMSE", "LabelCE", "LogitKD", "LogitMSE", "PooledEmbedding",
            "RelationKL", "top_down_mapping", "RECIPES", "Recipe", "XtremeDistilPlan", "build_recipe",
            "DistillationTrainer"]

@@ -21,7 +21,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_error
+
 _NP = {"float32": np.float32, "float16": np.float16}
+
+
+def _allocate(path: Path, size: int) -> None:
+    """A zero-filled file of `size` bytes whose blocks are reserved now: a page of a sparse memory-mapped file
+    written when the disk is full kills the process with SIGBUS, where posix_fallocate fails cleanly (ENOSPC)."""
+    try:
+        with open(path, "wb") as f:
+            if size and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, size)
+            else:
+                f.truncate(size)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise write_error(path, e) from None
 
 
 class TeacherCache:
@@ -51,10 +67,7 @@ class TeacherCache:
             if old != meta:
                 for k, (shape, dt) in self.fields.items():
                     for suffix, shp, npd in ((".bin", (self.n, *shape), _NP[dt]), (".filled", (self.n,), np.uint8)):
-                        path = self.dir / f"{k}{suffix}"
-                        mm = np.memmap(path, dtype=npd, mode="w+", shape=shp)
-                        mm.flush()
-                        del mm
+                        _allocate(self.dir / f"{k}{suffix}", int(np.prod(shp)) * np.dtype(npd).itemsize)
                 tmp = self.dir / "meta.json.tmp"
                 tmp.write_text(json.dumps(meta))
                 os.replace(tmp, self.dir / "meta.json")

@@ -2,41 +2,23 @@
 
 A checkpoint is one file written as `<name>.tmp-<pid>` in the same directory, flushed and fsync'ed, then renamed
 over the final name with os.replace (atomic on POSIX), and the directory is fsync'ed so the rename survives a
-crash. Readers only ever see a complete old file or a complete new one.
+crash. Readers only ever see a complete old file or a complete new one; temporaries of a failed write are removed at
+once, those of a killed process before the next write to the directory.
 """
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import torch
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from ..atomic import atomic_write
 
 
 def atomic_save(obj, path) -> None:
-    """torch.save `obj` to `path` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    """torch.save `obj` to `path` atomically (fastdistil.atomic: temp file + fsync + rename). A failed write (a
+    full disk) removes the temporary and raises OSError naming `path`; the previous checkpoint stays readable."""
+    with atomic_write(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def load(path) -> dict:

@@ -4,7 +4,11 @@
 Files:
 - ``.txt``: one text per non-empty line (task-agnostic distillation).
 - ``.jsonl``: one JSON object per line with ``text`` (or ``sentence`` / ``text_a``), optional ``text_b`` (or
-  ``text_pair``) and optional ``label`` (an int, or a string mapped to ids in sorted order).
+  ``text_pair``) and optional ``label``: integer class ids (>= 0) or string class names (mapped to ids in sorted
+  order, or through the teacher's label2id); one type per file (1, 1.0, true and "1" are refused when mixed, and
+  floats and booleans always, with the line number).
+Lines are split on "\\n" only (a CRLF's "\\r" is dropped), never on the other characters str.splitlines() takes as
+line breaks (U+2028 is valid inside a JSON string).
 - ``.tsv``: a header row naming the columns ``text`` [``text_b``] [``label``]; without a header a line is
   ``text<TAB>label`` or ``text<TAB>text_b<TAB>label`` (a single column is a text).
 
@@ -31,22 +35,34 @@ class Examples:
     labels: list[int] | None = None
     label_names: list[str] | None = None
     source: str = ""
+    lines: list[int] | None = None  # the file line of each example, for error messages
 
     def __len__(self) -> int:
         return len(self.texts)
 
 
-def _label_ids(raw: list, where: str) -> tuple[list[int], list[str]]:
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
-        n = max(raw) + 1
-        if min(raw) < 0:
-            raise ValueError(f"{where}: integer labels must be >= 0, got {min(raw)}")
-        return list(raw), [str(i) for i in range(n)]
-    if all(isinstance(v, str) and v.lstrip("-").isdigit() for v in raw):
-        return _label_ids([int(v) for v in raw], where)
-    names = sorted({str(v) for v in raw})
-    ids = {n: i for i, n in enumerate(names)}
-    return [ids[str(v)] for v in raw], names
+def _label_ids(raw: list, lines: list[int], where: str) -> tuple[list[int], list[str]]:
+    """Labels of one type: integer class ids (>= 0), or strings (all digits: ids; else names, sorted)."""
+    first = {}
+    for v, n in zip(raw, lines):
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
+            hint = f" (write {int(v)})" if isinstance(v, float) and v.is_integer() else ""
+            raise ValueError(f"{where}:{n}: label {json.dumps(v)} is a {type(v).__name__}{hint}; labels are integer "
+                             "class ids or string class names")
+        first.setdefault(type(v), n)
+    if len(first) > 1:
+        raise ValueError(f"{where}: labels mix integers (first on line {first[int]}) and strings (first on line "
+                         f"{first[str]}); use one type in a file (1 and \"1\" would be two different classes)")
+    if str in first:
+        if not all(v.strip().lstrip("-").isdecimal() for v in raw):
+            names = sorted(set(raw))
+            ids = {name: i for i, name in enumerate(names)}
+            return [ids[v] for v in raw], names
+        raw = [int(v) for v in raw]
+    low = min(range(len(raw)), key=raw.__getitem__)
+    if raw[low] < 0:
+        raise ValueError(f"{where}:{lines[low]}: label {raw[low]} is negative; class ids start at 0")
+    return list(raw), [str(i) for i in sorted(set(raw))]
 
 
 def read_examples(path) -> Examples:
@@ -60,17 +76,20 @@ def read_examples(path) -> Examples:
     if not path.is_file():
         raise OSError(f"data file {path} does not exist" if not path.exists() else f"data path {path} is not a file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise OSError(f"data file {path} is not UTF-8 text ({e})") from None
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.removeprefix("\ufeff").split("\n")]
     ext = path.suffix.lower()
-    texts, pairs, labels = [], [], []
+    texts, pairs, labels, where = [], [], [], []
     if ext == ".txt":
-        texts = [t.strip() for t in lines if t.strip()]
+        where = [n for n, t in enumerate(lines, 1) if t.strip()]
+        texts = [lines[n - 1].strip() for n in where]
     elif ext == ".jsonl":
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
+            where.append(n)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -85,12 +104,13 @@ def read_examples(path) -> Examples:
             pairs.append(pair)
             labels.append(obj.get("label"))
     elif ext == ".tsv":
-        rows = [ln.split("\t") for ln in lines if ln.strip()]
+        numbered = [(n, ln.split("\t")) for n, ln in enumerate(lines, 1) if ln.strip()]
         header = None
-        if rows and "text" in [c.strip().lower() for c in rows[0]]:
-            header = [c.strip().lower() for c in rows[0]]
-            rows = rows[1:]
-        for n, row in enumerate(rows, 2 if header else 1):
+        if numbered and "text" in [c.strip().lower() for c in numbered[0][1]]:
+            header = [c.strip().lower() for c in numbered[0][1]]
+            numbered = numbered[1:]
+        for n, row in numbered:
+            where.append(n)
             if header:
                 if len(row) != len(header):
                     raise ValueError(f"{path}: row {n} has {len(row)} columns, the header has {len(header)}")
@@ -110,7 +130,7 @@ def read_examples(path) -> Examples:
         raise ValueError(f"data file {path} has extension {ext!r}; use .txt (texts), .jsonl or .tsv (with labels)")
     if not texts:
         raise ValueError(f"data file {path} holds no examples")
-    ex = Examples(texts=texts, source=str(path))
+    ex = Examples(texts=texts, source=str(path), lines=where)
     if any(p is not None for p in pairs):
         if any(p is None for p in pairs):
             raise ValueError(f"{path}: some examples have a second text (text_b) and others do not")
@@ -118,9 +138,9 @@ def read_examples(path) -> Examples:
     if any(v is not None for v in labels):
         missing = [i for i, v in enumerate(labels) if v is None]
         if missing:
-            raise ValueError(f"{path}: {len(missing)} examples have no label (first: example {missing[0]}); label "
-                             "all of them or none")
-        ex.labels, ex.label_names = _label_ids(labels, str(path))
+            raise ValueError(f"{path}:{where[missing[0]]}: {len(missing)} examples have no label (this is the first); "
+                             "label all of them or none")
+        ex.labels, ex.label_names = _label_ids(labels, where, str(path))
     return ex
 
 

@@ -19,6 +19,7 @@ parameters with the step (XtremeDistil's stages and gradual unfreezing).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,17 @@ from .data import Batch
 from .models import FastStudentForMaskedLM, Needs, Side, body, check_pair, forward_side, freeze_teacher, side_to
 
 log = logging.getLogger("fastdistil")
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm is NaN or inf; raised before the optimizer touches the weights.
+    `values`: the step's losses, lr and grad_norm as floats."""
+
+    def __init__(self, step: int, values: dict):
+        self.step, self.values = step, values
+        super().__init__(f"step {step}: the loss is {values.get('loss')} and the gradient norm "
+                         f"{values.get('grad_norm')}: training diverged (a learning rate too high, or bad data); "
+                         "the weights were not updated")
 
 
 @dataclass
@@ -288,7 +300,8 @@ class Distiller:
 
     def step(self, batch) -> dict:
         """One optimisation step on `batch`: forward, backward, clip, optimizer and scheduler. Returns floats:
-        loss, each objective, lr, grad_norm, tokens."""
+        loss, each objective, lr, grad_norm, tokens. Raises NonFiniteError, with the weights, optimizer and step
+        count unchanged, when the loss or the gradient norm is NaN or inf."""
         torch.manual_seed(self._step_seed(self.global_step))
         self.core.train()
         batch = self._as_batch(batch)
@@ -297,6 +310,11 @@ class Distiller:
             out["loss"].backward()
         params = [p for p in self.core.parameters() if p.grad is not None]
         gn = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        if not (math.isfinite(float(out["loss"].detach())) and math.isfinite(float(gn))):  # never into the weights
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(self.global_step + 1, {**{k: float(v.detach()) for k, v in out.items()},
+                                                        "grad_norm": float(gn),
+                                                        "lr": self.optimizer.param_groups[0]["lr"]})
         if self.grad_clip and float(gn) > self.grad_clip:  # scale only when clipping (a no-op pass otherwise)
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, gn)
         lr = self.optimizer.param_groups[0]["lr"]

@@ -102,7 +102,7 @@ def load_model(path, *, role: str = "model", device=None, dtype=None):
         model = cls.from_pretrained(directory, device=device, dtype=dtype)
     except ValueError as e:
         raise ValueError(f"{role} {path}: {e}") from None
-    model.name_or_path = str(directory)
+    model.config.name_or_path = str(directory)  # model.name_or_path reads it (hf_surface.py)
     return model
 
 
@@ -149,7 +149,7 @@ def student_from_teacher(teacher: nn.Module, layers) -> nn.Module:
             dst[k] = v
     load_state(student, dst, base_prefix=prefix, optional=())
     student.to(device=next(teacher.parameters()).device, dtype=next(teacher.parameters()).dtype)
-    student.name_or_path = getattr(teacher, "name_or_path", None)
+    student.config.name_or_path = getattr(teacher, "name_or_path", None) or ""
     return student.train()
 
 

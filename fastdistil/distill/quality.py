@@ -52,8 +52,7 @@ def distill_quality(teacher=None, *, layers=(0, 2, 4), steps: int = 120, batch_s
         {"before": mean cosine, "after": mean cosine, "before_min", "after_min", "steps", "seconds",
          "held_out": n, "train_texts": n, "final_loss": float}.
     """
-    from transformers import AutoTokenizer
-
+    from ..loading import load_tokenizer
     from .cache import TeacherCache
     from .corpus import default_corpus
     from .data import Examples, StepOrder, collate, encode
@@ -63,7 +62,7 @@ def distill_quality(teacher=None, *, layers=(0, 2, 4), steps: int = 120, batch_s
 
     torch.manual_seed(seed)
     teacher = load_model(teacher or default_teacher_dir(), role="teacher")
-    tok = AutoTokenizer.from_pretrained(teacher.name_or_path)
+    tok = load_tokenizer(teacher.name_or_path, teacher.config.vocab_size)
     texts = list(default_corpus())
     test, train = texts[-held_out:], texts[:-held_out]
     student = student_from_teacher(teacher, list(layers))

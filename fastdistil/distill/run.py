@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,12 +26,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_write, remove_stale_temporaries, write_error
 from ..loading import TOKENIZER_FILES
 from . import checkpoint as ckpt
 from .cache import TeacherCache
 from .corpus import default_corpus
 from .data import Examples, StepOrder, align_labels, collate, encode, read_examples
-from .distiller import Distiller
+from .distiller import Distiller, NonFiniteError
 from .models import FastStudentForSequenceClassification, body, check_pair, load_model, student_from_teacher
 from .recipes import RECIPES
 from .recipes import build as build_recipe
@@ -111,9 +111,9 @@ def _barrier(world):
 
 
 def _tokenizer(teacher_dir: str):
-    from transformers import AutoTokenizer
+    from ..loading import load_tokenizer
     try:
-        return AutoTokenizer.from_pretrained(teacher_dir)
+        return load_tokenizer(teacher_dir)  # refuses a tokenizer that does not fit the teacher's vocabulary
     except Exception as e:
         raise OSError(f"teacher {teacher_dir} has no usable tokenizer files ({', '.join(TOKENIZER_FILES)}): "
                       f"{type(e).__name__}: {e}") from None
@@ -153,9 +153,66 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write("".join(x + "\n" for x in keep).encode())
+
+
+def _json_line(r: dict) -> str:
+    """One metrics line of strict JSON: a non-finite number becomes null (json.dumps would write a bare NaN)."""
+    safe = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+    return json.dumps(safe, allow_nan=False) + "\n"
+
+
+def _content_key(examples: Examples, teacher_dir: str) -> dict:
+    """Hashes of the training data (its parsed examples, so the built-in corpus counts too) and of the teacher's
+    tokenizer files: a resumed run must see the same of both, not merely the same paths."""
+    h = hashlib.sha256()
+    for part in (examples.texts, examples.pairs or [], examples.labels or [], examples.label_names or []):
+        for x in part:
+            h.update(str(x).encode("utf-8", "surrogatepass") + b"\0")
+        h.update(b"\1")
+    t = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        f = Path(teacher_dir) / name
+        t.update(name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"-") + b"\1")
+    return {"data_sha256": h.hexdigest(), "tokenizer_sha256": t.hexdigest()}
+
+
+def _check_resume_key(saved: dict, key: dict, out: Path) -> None:
+    changed = [k for k in ("data_sha256", "tokenizer_sha256") if k in saved and saved[k] != key[k]]
+    if changed:
+        what = " and ".join({"data_sha256": "the training data", "tokenizer_sha256": "the teacher's tokenizer "
+                             "files"}[k] for k in changed)
+        raise ValueError(f"--resume: {what} changed since the checkpoint in {out} was written (content hash "
+                         "differs); resuming would train on other examples than the run it continues. Restore them, "
+                         "or start a new run in another --out")
+    if not all(k in saved for k in ("data_sha256", "tokenizer_sha256")):
+        log.warning("--resume: the checkpoint in %s predates content hashes; the data and tokenizer cannot be "
+                    "checked to be unchanged", out)
+    saved = {**{k: v for k, v in key.items() if k not in saved}, **saved}
+    if saved != key:
+        diff = {k: (saved.get(k), v) for k, v in key.items() if saved.get(k) != v}
+        raise ValueError(f"--resume: the checkpoint in {out} was made with other arguments "
+                         f"(checkpoint vs now: {diff}); resume with the same arguments")
+
+
+def _check_finite(module, what: str) -> None:
+    """Never write NaN/inf weights: raise naming how many tensors are not finite."""
+    bad = [n for n, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise RuntimeError(f"not writing {what}: {len(bad)} tensors hold NaN or inf (first: {bad[0]}); training "
+                           "diverged, rerun with a lower --lr")
+
+
+def _check_label_range(examples: Examples, model, who: str) -> None:
+    if examples.labels is None or not isinstance(model, FastStudentForSequenceClassification):
+        return
+    n = body(model).config.num_labels
+    i = max(range(len(examples.labels)), key=examples.labels.__getitem__)
+    if examples.labels[i] >= n:
+        line = f":{examples.lines[i]}" if examples.lines else ""
+        raise ValueError(f"{examples.source}{line}: label {examples.labels[i]} is out of range: the {who} classifies "
+                         f"{n} classes (ids 0..{n - 1})")
 
 
 def save_final(student, out_dir: Path, teacher_dir: str, tokenizer) -> Path:
@@ -165,7 +222,8 @@ def save_final(student, out_dir: Path, teacher_dir: str, tokenizer) -> Path:
     copied = False
     for f in TOKENIZER_FILES:
         if (Path(teacher_dir) / f).is_file():
-            shutil.copyfile(Path(teacher_dir) / f, final / f)
+            with atomic_write(final / f) as dst:
+                dst.write((Path(teacher_dir) / f).read_bytes())
             copied = True
     if not copied:
         tokenizer.save_pretrained(str(final))
@@ -185,6 +243,9 @@ def run(a: RunArgs) -> dict:
         if ck_path.exists() and not a.resume:
             raise ValueError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it or choose "
                              "another --out")
+        for d in (out, out / FINAL):  # temporaries of a killed run (a checkpoint's can be hundreds of MB)
+            for p in remove_stale_temporaries(d):
+                log.info("removed %s, left by an interrupted write", p)
     torch.manual_seed(a.seed)
     teacher = load_model(a.teacher, role="teacher", device=dev)  # float32 first: the student copies its layers
     teacher_dir = teacher.name_or_path
@@ -193,10 +254,7 @@ def run(a: RunArgs) -> dict:
     max_length = min(a.max_length, tcfg.max_position_embeddings)
     examples = _examples(a)
     align_labels(examples, tcfg.extra.get("label2id"))
-    if examples.labels is not None and isinstance(teacher, FastStudentForSequenceClassification) \
-            and max(examples.labels) >= tcfg.num_labels:
-        raise ValueError(f"the data has {max(examples.labels) + 1} label ids but the teacher classifies "
-                         f"{tcfg.num_labels} classes")
+    _check_label_range(examples, teacher, "teacher")
     if a.student:
         student = load_model(a.student, role="student", device=dev)
         check_pair(teacher, student)
@@ -204,6 +262,7 @@ def run(a: RunArgs) -> dict:
         n = tcfg.num_hidden_layers
         layers = a.student_layers if a.student_layers else list(range(0, n, 2))
         student = student_from_teacher(teacher, layers)
+    _check_label_range(examples, student, "student")
     student.to(dev)
     teacher.to(dtype=getattr(torch, a.teacher_dtype))
     max_length = min(max_length, body(student).config.max_position_embeddings)
@@ -232,13 +291,10 @@ def run(a: RunArgs) -> dict:
                           mask_token_id=tok.mask_token_id if tok.mask_token_id is not None else 103)
     order = StepOrder(len(enc), a.seed, a.batch_size, rank, world)
     start = 0
-    key = a.schedule_key()
+    key = {**a.schedule_key(), **_content_key(examples, teacher_dir)}
     if a.resume and ck_path.exists():
         state = ckpt.load(ck_path)
-        if state["args"] != key:
-            diff = {k: (state["args"].get(k), v) for k, v in key.items() if state["args"].get(k) != v}
-            raise ValueError(f"--resume: the checkpoint in {out} was made with other arguments "
-                             f"(checkpoint vs now: {diff}); resume with the same arguments")
+        _check_resume_key(state["args"], key, out)
         if state["world"] != world:
             log.warning("resuming a %d-process run with %d processes: same global batch, same data order",
                         state["world"], world)
@@ -257,12 +313,16 @@ def run(a: RunArgs) -> dict:
                  body(student).config.num_hidden_layers, body(student).config.hidden_size, a.recipe, len(examples),
                  examples.source, a.max_steps, a.batch_size, world, dev)
 
+    saved = [start] if start else []
+
     def save(step):
         if rank == 0:
+            _check_finite(distiller.core, f"the checkpoint of step {step}")
             ckpt.atomic_save({"distiller": distiller.state_dict(), "rng": ckpt.rng_state(), "args": key,
                               "world": world, "step": step}, ck_path)
             if cache is not None:
                 cache.flush()
+        saved[:] = [step]
         _barrier(world)
 
     bar = None
@@ -272,32 +332,44 @@ def run(a: RunArgs) -> dict:
                    dynamic_ncols=True, mininterval=0.5)
     last = {"step": start, "loss": float("nan")}  # a resumed run that was already complete trains no step
     t_last, tok_acc = time.perf_counter(), 0
-    with open(metrics_path, "a") if rank == 0 else open(os.devnull, "w") as mf:
-        for step in range(start, a.max_steps):
-            batch = collate(enc, order.indices(step)).to(dev)
-            r = distiller.step(batch)
-            if world > 1:
-                vals = torch.tensor([r["loss"], float(r["tokens"])], dtype=torch.float64)
-                dist.all_reduce(vals)
-                r["loss"], r["tokens"] = float(vals[0]) / world, int(vals[1])
-            tok_acc += r["tokens"]
-            done = step + 1
-            now = time.perf_counter()
-            rate = tok_acc / max(now - t_last, 1e-9)
-            r.update(step=done, epoch=round(order.epoch(done), 4), tokens_per_s=round(rate, 1))
-            last = r
-            if bar is not None:
-                bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=f"{rate:,.0f}", phase=r["phase"], refresh=False)
-                bar.update(1)
-            if rank == 0 and (done % a.log_every == 0 or done == a.max_steps):
-                mf.write(json.dumps(r) + "\n")
-                mf.flush()
-                t_last, tok_acc = now, 0
-            if done % a.save_every == 0 or done == a.max_steps:
-                save(done)
-    if bar is not None:
-        bar.close()
+    try:  # the bar is closed on every way out: left open, it redraws after the CLI's error line
+        with open(metrics_path, "a") if rank == 0 else open(os.devnull, "w") as mf:
+            for step in range(start, a.max_steps):
+                batch = collate(enc, order.indices(step)).to(dev)
+                try:
+                    r = distiller.step(batch)
+                except NonFiniteError as e:  # stop with the weights of the step before; keep the last checkpoint
+                    mf.write(_json_line({"step": step + 1, **e.values, "error": "non-finite loss or gradient"}))
+                    kept = f"{ck_path} (step {saved[0]}) is kept" if saved else "no checkpoint was written yet"
+                    raise RuntimeError(f"{e}; the run stopped (--lr {a.lr:g}): {kept}, no final model is written") \
+                        from None
+                if world > 1:
+                    vals = torch.tensor([r["loss"], float(r["tokens"])], dtype=torch.float64)
+                    dist.all_reduce(vals)
+                    r["loss"], r["tokens"] = float(vals[0]) / world, int(vals[1])
+                tok_acc += r["tokens"]
+                done = step + 1
+                now = time.perf_counter()
+                rate = tok_acc / max(now - t_last, 1e-9)
+                r.update(step=done, epoch=round(order.epoch(done), 4), tokens_per_s=round(rate, 1))
+                last = r
+                if bar is not None:
+                    bar.set_postfix(loss=f"{r['loss']:.4f}", tok_s=f"{rate:,.0f}", phase=r["phase"], refresh=False)
+                    bar.update(1)
+                if rank == 0 and (done % a.log_every == 0 or done == a.max_steps):
+                    try:
+                        mf.write(_json_line(r))
+                        mf.flush()
+                    except OSError as e:  # a full disk: say so and where, like every other write of the run
+                        raise write_error(metrics_path, e) from None
+                    t_last, tok_acc = now, 0
+                if done % a.save_every == 0 or done == a.max_steps:
+                    save(done)
+    finally:
+        if bar is not None:
+            bar.close()
     if rank == 0:
+        _check_finite(distiller.student, "the final student")
         final = save_final(distiller.student, out, teacher_dir, tok)
         last["final_dir"] = str(final)
         if cache is not None:
