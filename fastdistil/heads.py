@@ -6,11 +6,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import FastStudentConfig
+from .hf_surface import PreTrainedSurface
 from .model import FastStudent
 from .outputs import ModelOutput
 
 
-class _Head(nn.Module):
+class _Head(PreTrainedSurface, nn.Module):
     base_prefix = "bert."
     add_pooling_layer = True
     optional_keys: tuple[str, ...] = ("pooler.",)  # may be missing from a checkpoint: newly initialised
@@ -51,7 +52,7 @@ class FastStudentForSequenceClassification(_Head):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states: bool = False, return_dict: bool = True, **kw):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
-                        output_hidden_states=output_hidden_states)
+                        output_hidden_states=output_hidden_states, **kw)  # unknown keywords: TypeError
         logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -72,7 +73,9 @@ class FastStudentForSequenceClassification(_Head):
 
 
 class FastStudentForTokenClassification(_Head):
-    """Every token -> dropout -> linear; cross-entropy over labels != -100."""
+    """Every token -> dropout -> linear; cross-entropy over labels != -100. Give padded positions the label -100
+    (DataCollatorForTokenClassification does): their logits come from a zero hidden state here, while transformers
+    scores the pad tokens' hidden states, so a label other than -100 at padding makes the two losses differ."""
     add_pooling_layer = False
     optional_keys = ("pooler.", "classifier.")
 
@@ -86,7 +89,7 @@ class FastStudentForTokenClassification(_Head):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states: bool = False, return_dict: bool = True, **kw):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
-                        output_hidden_states=output_hidden_states)
+                        output_hidden_states=output_hidden_states, **kw)  # unknown keywords: TypeError
         logits = self.classifier(self.dropout(out.last_hidden_state))  # (B, L, num_labels)
         loss = None if labels is None else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         res = ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
@@ -110,7 +113,7 @@ class FastStudentForQuestionAnswering(_Head):
                 start_positions=None, end_positions=None, output_hidden_states: bool = False,
                 return_dict: bool = True, **kw):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
-                        output_hidden_states=output_hidden_states)
+                        output_hidden_states=output_hidden_states, **kw)  # unknown keywords: TypeError
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)  # (B, L, 1) each
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()  # (B, L)
         if attention_mask is not None:
