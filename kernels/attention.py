@@ -24,7 +24,10 @@ Layout assumptions:
   positions within the sequence). Kept values are scaled by 1/(1-p). :func:`dropout_keep_mask` materialises the
   same mask for tests.
 
-Block sizes (``_fwd_config`` / ``_bwd_config`` / ``_delta_block``), chosen per head_dim and dtype so that no
+Grid: (batch x heads, sequence blocks) for every kernel (:func:`grid`): batch x heads on axis 0, which CUDA allows
+up to 2^31 - 1 blocks (axis 1 stops at 65,535, which 5,462 sequences of 12 heads would pass).
+
+Block sizes (``_fwd_config`` / ``_bwd_config`` / ``_delta_config``), chosen per head_dim and dtype so that no
 configuration spills on sm_80 or sm_90 (``fastdistil check-kernels`` proves it; the tables say which neighbour
 spilled): forward 64 x 64 tiles for head_dim <= 64 in fp16 and bf16 (BERT's L=128 gives 2 query blocks per head; a
 128-row block would halve the grid at small batch), 64 x 32 at 128; backward 64 x 64 up to head_dim 32, then 32;
@@ -51,7 +54,8 @@ import triton.language as tl
 
 from fastdistil.backend import interpreting
 
-from .spec import CompileSpec, Cost
+from .launch import check_grid, on_tensor_device
+from .spec import CompileSpec, Cost, spec
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -113,8 +117,8 @@ def _attn_fwd(
 
     Args: see the comments on each argument. Returns: nothing; writes O and LSE for its rows.
     """
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)                     # batch x head on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     if VARLEN:
@@ -188,8 +192,8 @@ def _attn_bwd_delta(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Backward preprocessing: delta_i = sum_d dO_id O_id (fp32), one value per query row."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)                     # batch x head on axis 0 (up to 2^31 - 1; axis 1 stops at 65,535)
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     if VARLEN:
@@ -244,12 +248,12 @@ def _attn_bwd(
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
-    """dK, dV of key block `program_id(0)` and dQ of query block `program_id(0)` for one batch x head.
+    """dK, dV of key block `program_id(1)` and dQ of query block `program_id(1)` for batch x head `program_id(0)`.
 
     Args: see the comments on each argument. Returns: nothing; writes DQ, DK, DV for its rows.
     """
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
+    pid = tl.program_id(1)
     b = bh // H
     h = bh % H
     if VARLEN:
@@ -353,9 +357,9 @@ def _dropout_mask_kernel(
     dropout_p,                                # fp32
     BLOCK: tl.constexpr,
 ):
-    """Debug/test helper: writes the forward's keep mask for rows program_id(0) of head program_id(1)."""
-    bh = tl.program_id(1)
-    offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    """Debug/test helper: writes the forward's keep mask for rows program_id(1) of head program_id(0)."""
+    bh = tl.program_id(0)
+    offs_i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     seed = tl.load(Seed)
     for j0 in range(0, L, BLOCK):
         offs_j = j0 + tl.arange(0, BLOCK)
@@ -368,37 +372,56 @@ def _dropout_mask_kernel(
 # Configurations (every one of them is built by `fastdistil check-kernels`)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _fwd_config(head_dim: int, dtype: str) -> dict:
-    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward for head_dim and dtype ('fp16', 'bf16', 'fp32').
+def _fwd_config(head_dim: int, dtype: str, dropout: bool = False) -> dict:
+    """BLOCK_M, BLOCK_N, num_warps, num_stages of the forward for head_dim, dtype ('fp16', 'bf16', 'fp32') and
+    dropout.
 
-    fp16/bf16: 64 x 64 tiles with 8 warps (with 4, the dropout variants' Philox state plus the fp32 64 x 64 score
-    tile spill on sm_80), 64 x 32 at head_dim 128. fp32 runs ieee FMA dots, which hold whole operand tiles in
-    registers: 32 x 32 tiles. Every entry was checked spill-free on sm_80 and sm_90 by `fastdistil check-kernels`.
+    fp16/bf16: 64 x 64 tiles (64 x 32 at head_dim 128) with 4 warps; the dropout variants take 8 (with 4, the
+    Philox state plus the fp32 64 x 64 score tile spilled on sm_80). fp32 runs ieee FMA dots, which hold whole
+    operand tiles in registers: 32 x 32 tiles, 8 warps (head_dim 64 with 4 warps spilled 2 registers at 255 on
+    sm_90 once the JIT's divisibility hints applied: measured on H100, Triton 3.6, 2026-11-27,
+    docs/gpu-runs/2026-11-27-h100-shared-harness/kernels_attn.json). `fastdistil check-kernels` builds every entry
+    (aligned and unaligned) for sm_80 and sm_90 spill-free.
     """
     if dtype == "fp32":
-        bm, bn, warps = {16: (32, 32, 8), 32: (32, 32, 8), 64: (32, 32, 4), 128: (32, 32, 8)}[head_dim]
+        bm, bn, warps = 32, 32, 8
     else:
-        bm, bn, warps = (64, 64, 8) if head_dim <= 64 else (64, 32, 8)
+        bm, bn = (64, 64) if head_dim <= 64 else (64, 32)
+        # 4 warps only at head_dim <= 32 without dropout: at 64 and 128 the unaligned (no divisibility hint)
+        # varlen builds spilled 8-496 bytes at 255 registers with 4 (sm_80 and sm_90, Triton 3.6 and 3.9)
+        warps = 8 if dropout or head_dim >= 64 else 4
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": 2}
 
 
-def _bwd_config(head_dim: int, dtype: str) -> dict:
+def _bwd_config(head_dim: int, dtype: str, dropout: bool = False) -> dict:
     """BLOCK (query and key tile), num_warps, num_stages of the backward, which holds k, v, dk, dv of its key
     block and two BLOCK x BLOCK fp32 tiles at once: 64 up to head_dim 32, then 32 (16 for fp32 at 128).
-    Warps as check-kernels found spill-free on sm_80 and sm_90."""
+    The dropout variants also hold the Philox state of a tile: smaller tiles or more warps there (fp16/bf16 at
+    head_dim 32/64/128 spilled 8-88 bytes on sm_80 or sm_90 with the plain variants' tiles, aligned or not;
+    Triton 3.9, 2026-11-27). Warps as check-kernels found spill-free on sm_80 and sm_90."""
     if dtype == "fp32":
         blk, warps = {16: (32, 8), 32: (32, 4), 64: (32, 8), 128: (16, 8)}[head_dim]
+    elif dropout:
+        blk, warps = {16: (64, 4), 32: (32, 8), 64: (32, 8), 128: (16, 8)}[head_dim]
     else:
-        blk, warps = {16: (64, 4), 32: (64, 8), 64: (32, 4), 128: (32, 8)}[head_dim]
+        blk, warps = {16: (64, 4), 32: (64, 8), 64: (32, 4), 128: (16, 8)}[head_dim]
     return {"BLOCK": blk, "num_warps": warps, "num_stages": 2}
 
 
-def _delta_block(head_dim: int) -> int:
-    """Rows per program of the delta preprocessing (4 warps): 64, or 16 at head_dim 128 (32 spills on sm_80)."""
-    return 64 if head_dim <= 64 else 16
+def _delta_config(head_dim: int) -> dict:
+    """Rows per program of the delta preprocessing (4 warps, no loop): 64, or 16 at head_dim 128 (32 spilled on
+    sm_80)."""
+    return {"BLOCK_M": 64 if head_dim <= 64 else 16, "num_warps": 4, "num_stages": 1}
 
 
-_MASK_BLOCK = 32
+_MASK_CFG = {"BLOCK": 32, "num_warps": 4, "num_stages": 2}
+
+
+def grid(batch_heads: int, seqlen: int, block: int) -> tuple[int, int]:
+    """The launch grid of every attention kernel: (batch x heads, blocks along the sequence). batch x heads goes on
+    axis 0 (CUDA allows 2^31 - 1 blocks there, 65,535 on axes 1 and 2), so `encode` of a large batch of short texts
+    launches; the sequence blocks on axis 1 allow sequences up to 65,535 blocks long."""
+    return check_grid((batch_heads, triton.cdiv(seqlen, block)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -456,6 +479,7 @@ def _precision(dt: str) -> tuple[str, bool]:
     return ("ieee" if dt == "fp32" else "tf32"), (dt == "bf16" and interpreting())
 
 
+@on_tensor_device
 def attention_fwd(q, k, v, key_mask=None, cu_seqlens=None, seed=None, max_seqlen: int = 0, dropout_p: float = 0.0,
                   softmax_scale: float | None = None):
     """Forward of padded or varlen attention.
@@ -494,20 +518,19 @@ def attention_fwd(q, k, v, key_mask=None, cu_seqlens=None, seed=None, max_seqlen
     if dropout and L >= 2 ** 16:
         raise ValueError(f"dropout needs sequences shorter than 65536 (32-bit RNG counters), got {L}")
     key_mask, has_mask = _key_mask(key_mask, varlen, B, L, q.device)
-    cfg = _fwd_config(D, dt)
+    cfg = _fwd_config(D, dt, dropout)
     prec, dot_f32 = _precision(dt)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
-    _attn_fwd[grid](
+    _attn_fwd[grid(B * H, L, cfg["BLOCK_M"])](
         q, k, v, o, lse, key_mask if has_mask else None, cu_seqlens if varlen else None,
         seed if dropout else None,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o), slb, slh,
         key_mask.stride(0) if has_mask else 0,
         H, L, scale * LOG2E, float(dropout_p),
-        HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], VARLEN=varlen, HAS_MASK=has_mask,
-        DROPOUT=dropout, PRECISION=prec, DOT_F32=dot_f32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HEAD_DIM=D, VARLEN=varlen, HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, DOT_F32=dot_f32, **cfg)
     return o, lse
 
 
+@on_tensor_device
 def attention_bwd(do, q, k, v, o, lse, key_mask=None, cu_seqlens=None, seed=None, max_seqlen: int = 0,
                   dropout_p: float = 0.0, softmax_scale: float | None = None):
     """Backward of :func:`attention_fwd`: two launches (delta = rowsum(dO * O), then dQ, dK, dV).
@@ -533,21 +556,21 @@ def attention_bwd(do, q, k, v, o, lse, key_mask=None, cu_seqlens=None, seed=None
     dropout = dropout_p > 0.0
     key_mask, has_mask = _key_mask(key_mask, varlen, B, L, q.device)
     cu = cu_seqlens if varlen else None
-    _attn_bwd_delta[(triton.cdiv(L, _delta_block(D)), B * H)](
-        o, do, delta, cu, *_strides(o), *_strides(do), slb, slh, H, L,
-        HEAD_DIM=D, BLOCK_M=_delta_block(D), VARLEN=varlen, num_warps=4)
-    cfg = _bwd_config(D, dt)
+    dcfg = _delta_config(D)
+    _attn_bwd_delta[grid(B * H, L, dcfg["BLOCK_M"])](
+        o, do, delta, cu, *_strides(o), *_strides(do), slb, slh, H, L, HEAD_DIM=D, VARLEN=varlen, **dcfg)
+    cfg = _bwd_config(D, dt, dropout)
     prec, dot_f32 = _precision(dt)
-    _attn_bwd[(triton.cdiv(L, cfg["BLOCK"]), B * H)](
+    _attn_bwd[grid(B * H, L, cfg["BLOCK"])](
         q, k, v, do, dq, dk, dv, lse, delta, key_mask if has_mask else None, cu, seed if dropout else None,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), slb, slh,
         key_mask.stride(0) if has_mask else 0,
         H, L, scale, scale * LOG2E, float(dropout_p),
-        HEAD_DIM=D, BLOCK=cfg["BLOCK"], VARLEN=varlen, HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec,
-        DOT_F32=dot_f32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HEAD_DIM=D, VARLEN=varlen, HAS_MASK=has_mask, DROPOUT=dropout, PRECISION=prec, DOT_F32=dot_f32, **cfg)
     return dq, dk, dv
 
 
+@on_tensor_device
 def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen: int, dropout_p: float) -> torch.Tensor:
     """The keep mask the kernels draw for `seed`: bool (batch, heads, seqlen, seqlen), True = kept.
 
@@ -556,8 +579,8 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, seqlen: int, d
     """
     out = torch.empty((batch, heads, seqlen, seqlen), dtype=torch.int8, device=seed.device)
     if out.numel():
-        _dropout_mask_kernel[(triton.cdiv(seqlen, _MASK_BLOCK), batch * heads)](
-            seed, out, seqlen, float(dropout_p), BLOCK=_MASK_BLOCK, num_warps=4)
+        _dropout_mask_kernel[grid(batch * heads, seqlen, _MASK_CFG["BLOCK"])](
+            seed, out, seqlen, float(dropout_p), **_MASK_CFG)
     return out.to(torch.bool)
 
 
@@ -572,12 +595,12 @@ def _ptr(dt: str) -> str:
 def compile_specs() -> list[CompileSpec]:
     """Every configuration the launchers can choose (GPU builds: DOT_F32 is never set there).
 
-    Forward and backward: head_dim x dtype x {padded, padded+mask, varlen} x dropout on/off; the delta
-    preprocessing per head_dim x dtype x {padded, varlen}; the dropout-mask helper once.
+    Forward and backward: head_dim x dtype x {padded, varlen} x dropout on/off (the padded form always runs the
+    masked kernel); the delta preprocessing per head_dim x dtype x {padded, varlen}; the dropout-mask helper.
+    Strides, H and L are i32 (the launchers pass Python ints below 2^31).
     """
     specs = []
     forms = (("padded", False, True), ("varlen", True, False))
-    div16 = ("Q", "K", "V", "O", "LSE", "DO", "DQ", "DK", "DV", "Delta", "KeyMask", "CuSeqlens", "Seed", "Out")
     for D in HEAD_DIMS:
         for dt in DTYPES.values():
             prec = "ieee" if dt == "fp32" else "tf32"
@@ -589,19 +612,18 @@ def compile_specs() -> list[CompileSpec]:
                         "KeyMask": "*i8" if has_mask else "constexpr", "CuSeqlens": "*i32" if varlen else "constexpr",
                         "Seed": "*i64" if dropout else "constexpr"}
                     none = {n: None for n, s in opt.items() if s == "constexpr"}
-                    c = _fwd_config(D, dt)
                     sig = {"Q": _ptr(dt), "K": _ptr(dt), "V": _ptr(dt), "O": _ptr(dt), "LSE": "*fp32", **opt}
                     sig.update({n: "i32" for n in ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh",
                                                    "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_ob",
                                                    "stride_oh", "stride_om", "stride_lb", "stride_lh", "stride_mb",
                                                    "H", "L")})
                     sig.update({"qk_scale": "fp32", "dropout_p": "fp32"})
-                    const = {"HEAD_DIM": D, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"], "VARLEN": varlen,
-                             "HAS_MASK": has_mask, "DROPOUT": dropout, "PRECISION": prec, "DOT_F32": False, **none}
-                    sig.update({n: "constexpr" for n in const})
-                    specs.append(CompileSpec("attention_fwd", _attn_fwd, sig, const, label + " fwd", c["num_warps"],
-                                             c["num_stages"], tc, {"divisible_by_16": div16, "ieee": not tc}))
-                    c = _bwd_config(D, dt)
+                    flags = {"HEAD_DIM": D, "VARLEN": varlen, "HAS_MASK": has_mask, "DROPOUT": dropout,
+                             "PRECISION": prec, "DOT_F32": False, **none}
+                    cfg = _fwd_config(D, dt, dropout)
+                    sig.update({n: "constexpr" for n in (*flags, "BLOCK_M", "BLOCK_N")})
+                    specs.append(spec("attention_fwd", _attn_fwd, sig, flags, cfg, label + " fwd",
+                                      expect_tensor_cores=tc, extra={"ieee": not tc}))
                     sig = {"Q": _ptr(dt), "K": _ptr(dt), "V": _ptr(dt), "DO": _ptr(dt), "DQ": _ptr(dt),
                            "DK": _ptr(dt), "DV": _ptr(dt), "LSE": "*fp32", "Delta": "*fp32", **opt}
                     sig.update({n: "i32" for n in (
@@ -609,24 +631,22 @@ def compile_specs() -> list[CompileSpec]:
                         "stride_vh", "stride_vn", "stride_db", "stride_dh", "stride_dm", "stride_gb", "stride_gh",
                         "stride_gm", "stride_lb", "stride_lh", "stride_mb", "H", "L")})
                     sig.update({"softmax_scale": "fp32", "qk_scale": "fp32", "dropout_p": "fp32"})
-                    const = {"HEAD_DIM": D, "BLOCK": c["BLOCK"], "VARLEN": varlen, "HAS_MASK": has_mask,
-                             "DROPOUT": dropout, "PRECISION": prec, "DOT_F32": False, **none}
-                    sig.update({n: "constexpr" for n in const})
-                    specs.append(CompileSpec("attention_bwd", _attn_bwd, sig, const, label + " bwd", c["num_warps"],
-                                             c["num_stages"], tc, {"divisible_by_16": div16, "ieee": not tc}))
+                    cfg = _bwd_config(D, dt, dropout)
+                    sig.update({n: "constexpr" for n in (*flags, "BLOCK")})
+                    specs.append(spec("attention_bwd", _attn_bwd, sig, flags, cfg, label + " bwd",
+                                      expect_tensor_cores=tc, extra={"ieee": not tc}))
             for form, varlen in (("padded", False), ("varlen", True)):
                 sig = {"O": _ptr(dt), "DO": _ptr(dt), "Delta": "*fp32", "CuSeqlens": "*i32" if varlen else "constexpr"}
                 sig.update({n: "i32" for n in ("stride_ob", "stride_oh", "stride_om", "stride_db", "stride_dh",
                                                "stride_dm", "stride_lb", "stride_lh", "H", "L")})
-                const = {"HEAD_DIM": D, "BLOCK_M": _delta_block(D), "VARLEN": varlen}
+                flags = {"HEAD_DIM": D, "VARLEN": varlen}
                 if not varlen:
-                    const["CuSeqlens"] = None
-                sig.update({n: "constexpr" for n in const})
-                specs.append(CompileSpec("attention_bwd_delta", _attn_bwd_delta, sig, const, f"hd={D} {dt} {form}",
-                                         4, 2, False, {"divisible_by_16": div16}))
+                    flags["CuSeqlens"] = None
+                sig.update({n: "constexpr" for n in (*flags, "BLOCK_M")})
+                specs.append(spec("attention_bwd_delta", _attn_bwd_delta, sig, flags, _delta_config(D),
+                                  f"hd={D} {dt} {form}"))
     sig = {"Seed": "*i64", "Out": "*i8", "L": "i32", "dropout_p": "fp32", "BLOCK": "constexpr"}
-    specs.append(CompileSpec("attention_dropout_mask", _dropout_mask_kernel, sig, {"BLOCK": _MASK_BLOCK},
-                             "debug helper", 4, 2, False, {"divisible_by_16": ("Seed", "Out")}))
+    specs.append(spec("attention_dropout_mask", _dropout_mask_kernel, sig, {}, _MASK_CFG, "debug helper"))
     return specs
 
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .launch import on_tensor_device
 from .layer_norm import _block_n, ln_rows
-from .spec import CompileSpec, Cost
+from .spec import CompileSpec, Cost, spec
 
 MAX_TYPES_IN_REGISTERS = 16
 
@@ -90,7 +91,7 @@ def _embed_bwd(DY, stride_dy,                # (T, N) upstream gradient
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
         xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
-        g = dy * w
+        g = tl.where(cmask, dy * w, 0.0)  # a select: no fma contraction of g - mean(g) (see kernels/layer_norm.py)
         dx = (g - tl.sum(g, axis=0) / N - xhat * (tl.sum(xhat * g, axis=0) / N)) * rstd
         dw += dy * xhat
         db += dy
@@ -128,24 +129,37 @@ def _segment_sum(SORTED,                      # (T,) int64 ids in ascending orde
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def _fwd_config(n):
+# One configuration function per kernel, read by the launchers and compile_specs() alike.
+def fwd_config(n: int) -> dict:
+    """ROWS x BLOCK_N tiles of 2K elements; 8 warps at 2K elements: spill-free (sm_90 fp16 spilled at 4)."""
     bn = _block_n(n)
     rows = max(1, min(8, 2048 // bn))
-    return bn, rows, max(1, min(8, bn * rows // 256))  # 8 warps at 2K elements: spill-free (sm_90 fp16 spilled at 4)
+    return dict(ROWS=rows, BLOCK_N=bn, num_warps=max(1, min(8, bn * rows // 256)), num_stages=1)
 
 
+def row_config(n: int) -> dict:
+    """`_embed_bwd` and `_segment_sum`: one BLOCK_N row per step, a warp per 256 columns.
+    Kept one row per step (the LayerNorm backward moved to row tiles): measured on H100 (2026-11-27,
+    docs/gpu-runs/2026-11-27-h100-shared-harness/summary.json) the whole embedding backward at 128 x 128 tokens
+    took 0.89 ms against 10.5 ms for torch's embedding + LayerNorm backward; its time is the sorted segment sums
+    over repeated ids (serial per run of equal ids), not this loop."""
+    bn = _block_n(n)
+    return dict(BLOCK_N=bn, num_warps=max(1, min(8, bn // 256)), num_stages=2)
+
+
+@on_tensor_device
 def embed_fwd(ids, tt, pos, word, type_w, pos_w, ln_w, ln_b, eps, store_stats=True):
     """Launch the forward on (T,) ids. Returns (y (T, N) in word's dtype, mean, rstd (T,) fp32 or empty)."""
     import torch
     T, N = ids.shape[0], word.shape[1]
-    bn, rows, warps = _fwd_config(N)
+    cfg = fwd_config(N)
     y = torch.empty(T, N, device=word.device, dtype=word.dtype)
     mean = torch.empty(T if store_stats else 0, device=word.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if T:
-        _embed_fwd[(triton.cdiv(T, rows),)](ids, tt, pos, word, word.stride(0), type_w, type_w.stride(0), pos_w,
-                                           pos_w.stride(0), ln_w, ln_b, y, y.stride(0), mean, rstd, T, N, float(eps),
-                                           STORE_STATS=store_stats, ROWS=rows, BLOCK_N=bn, num_warps=warps)
+        _embed_fwd[(triton.cdiv(T, cfg["ROWS"]),)](ids, tt, pos, word, word.stride(0), type_w, type_w.stride(0), pos_w,
+                                                  pos_w.stride(0), ln_w, ln_b, y, y.stride(0), mean, rstd, T, N,
+                                                  float(eps), STORE_STATS=store_stats, **cfg)
     return y, mean, rstd
 
 
@@ -156,11 +170,11 @@ def _table_grad(ids, dx, rows, like):
     T = ids.shape[0]
     if T:
         sorted_ids, order = torch.sort(ids.to(torch.int64), stable=True)
-        _segment_sum[(T,)](sorted_ids, order, dx, out, out.stride(0), T, dx.shape[1], BLOCK_N=_block_n(dx.shape[1]),
-                           num_warps=max(1, min(8, _block_n(dx.shape[1]) // 256)))
+        _segment_sum[(T,)](sorted_ids, order, dx, out, out.stride(0), T, dx.shape[1], **row_config(dx.shape[1]))
     return out
 
 
+@on_tensor_device
 def embed_bwd(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd):
     """Gradients (dword, dtype, dpos, dln_w, dln_b) of the forward for upstream dy (T, N)."""
     import torch
@@ -182,7 +196,7 @@ def embed_bwd(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd):
     if T:
         _embed_bwd[(P,)](dy, dy.stride(0), ids, tt, pos, word, word.stride(0), type_w, type_w.stride(0), pos_w,
                          pos_w.stride(0), ln_w, mean, rstd, dx, dw_part, db_part, dtype_part, T, N, per,
-                         TYPE_IN_REGS=in_regs, TYPES=types, BLOCK_N=bn, num_warps=max(1, min(8, bn // 256)))
+                         TYPE_IN_REGS=in_regs, TYPES=types, **row_config(N))
     if in_regs:
         dtype = dtype_part.sum(0)[:n_types].to(type_w.dtype)
     else:
@@ -193,33 +207,35 @@ def embed_bwd(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd):
 
 # ------------------------------------------------------------------------------------------- protocol
 def compile_specs() -> list[CompileSpec]:
-    """The three kernels for fp32/fp16/bf16 tables at BERT widths (384 -> 512, 768 -> 1024)."""
+    """The three kernels for fp32/fp16/bf16 tables at BERT widths (384 -> 512, 768 -> 1024), int64 ids (the model
+    passes them as torch.long)."""
     specs = []
     for n in (512, 1024):
-        bn, rows, warps = _fwd_config(n)
+        fc, rc = fwd_config(n), row_config(n)
+        bn = fc["BLOCK_N"]
         for dt in ("fp16", "bf16", "fp32"):
-            tabs = {"WORD": f"*{dt}", "stride_w": "i64", "TYPE": f"*{dt}", "stride_t": "i64", "POSW": f"*{dt}",
-                    "stride_p": "i64"}
+            tabs = {"WORD": f"*{dt}", "stride_w": "i32", "TYPE": f"*{dt}", "stride_t": "i32", "POSW": f"*{dt}",
+                    "stride_p": "i32"}
             ids = {"IDS": "*i64", "TT": "*i64", "POS": "*i64"}
-            specs.append(CompileSpec(
-                "_embed_fwd", _embed_fwd,
-                {**ids, **tabs, "LN_W": f"*{dt}", "LN_B": f"*{dt}", "Y": f"*{dt}", "stride_y": "i64",
-                 "MEAN": "*fp32", "RSTD": "*fp32", "T": "i32", "N": "i32", "eps": "fp32",
-                 "STORE_STATS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr"},
-                {"STORE_STATS": True, "ROWS": rows, "BLOCK_N": bn}, f"N<={bn} {dt} fwd", num_warps=warps))
-            bw = max(1, min(8, bn // 256))
-            specs.append(CompileSpec(
+            for train in (False, True):
+                specs.append(spec(
+                    "_embed_fwd", _embed_fwd,
+                    {**ids, **tabs, "LN_W": f"*{dt}", "LN_B": f"*{dt}", "Y": f"*{dt}", "stride_y": "i32",
+                     "MEAN": "*fp32", "RSTD": "*fp32", "T": "i32", "N": "i32", "eps": "fp32",
+                     "STORE_STATS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr"},
+                    {"STORE_STATS": train}, fc, f"N<={bn} {dt} {'train' if train else 'infer'} fwd"))
+            specs.append(spec(
                 "_embed_bwd", _embed_bwd,
-                {"DY": f"*{dt}", "stride_dy": "i64", **ids, **tabs, "LN_W": f"*{dt}", "MEAN": "*fp32",
+                {"DY": f"*{dt}", "stride_dy": "i32", **ids, **tabs, "LN_W": f"*{dt}", "MEAN": "*fp32",
                  "RSTD": "*fp32", "DX": "*fp32", "DW_PART": "*fp32", "DB_PART": "*fp32", "DTYPE_PART": "*fp32",
                  "T": "i32", "N": "i32", "rows_per_prog": "i32", "TYPE_IN_REGS": "constexpr",
                  "TYPES": "constexpr", "BLOCK_N": "constexpr"},
-                {"TYPE_IN_REGS": True, "TYPES": 2, "BLOCK_N": bn}, f"N<={bn} {dt} bwd", num_warps=bw))
-            specs.append(CompileSpec(
+                {"TYPE_IN_REGS": True, "TYPES": 2}, rc, f"N<={bn} {dt} bwd"))
+            specs.append(spec(
                 "_segment_sum", _segment_sum,
-                {"SORTED": "*i64", "ORDER": "*i64", "DX": "*fp32", "OUT": f"*{dt}", "stride_out": "i64",
+                {"SORTED": "*i64", "ORDER": "*i64", "DX": "*fp32", "OUT": f"*{dt}", "stride_out": "i32",
                  "T": "i32", "N": "i32", "BLOCK_N": "constexpr"},
-                {"BLOCK_N": bn}, f"N<={bn} {dt} table scatter", num_warps=bw))
+                {}, rc, f"N<={bn} {dt} table scatter"))
     return specs
 
 

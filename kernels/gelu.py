@@ -13,7 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .spec import CompileSpec, Cost
+from .launch import on_tensor_device
+from .spec import CompileSpec, Cost, spec
 
 @triton.jit
 def _tanh(t):
@@ -89,10 +90,12 @@ def _bias_gelu_bwd(DH, stride_dh,     # upstream gradient (M, N)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-_FWD = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4)
-_BWD = dict(BLOCK_M=16, BLOCK_N=256, num_warps=8)  # 4 warps spilled 8 bytes (sm_90 bf16 tanh)
+# One configuration per kernel, read by the launchers and compile_specs() alike.
+_FWD = dict(BLOCK_M=16, BLOCK_N=256, num_warps=4, num_stages=1)  # no loop: one stage
+_BWD = dict(BLOCK_M=16, BLOCK_N=256, num_warps=8, num_stages=2)  # 4 warps spilled 8 bytes (sm_90 bf16 tanh)
 
 
+@on_tensor_device
 def bias_gelu_fwd(x, bias, approximate="none"):
     """GELU(x + bias) for a 2-D x with unit column stride; returns a new (M, N) tensor in x's dtype."""
     import torch
@@ -101,20 +104,22 @@ def bias_gelu_fwd(x, bias, approximate="none"):
     bm, bn = _FWD["BLOCK_M"], _FWD["BLOCK_N"]
     if M and N:
         _bias_gelu_fwd[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-            x, x.stride(0), bias, h, h.stride(0), M, N, TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=_FWD["num_warps"])
+            x, x.stride(0), bias, h, h.stride(0), M, N, TANH=approximate == "tanh", **_FWD)
     return h
 
 
 def _row_programs(m: int, device, strips: int, block_m: int) -> int:
-    import torch
     if device.type == "cuda":
-        want = torch.cuda.get_device_properties(device).multi_processor_count // max(1, strips)
+        import torch
+
+        from .layer_norm import sm_count
+        want = sm_count(device.index if device.index is not None else torch.cuda.current_device()) // max(1, strips)
     else:
         want = 4  # the interpreter runs programs one after another
     return max(1, min(triton.cdiv(m, block_m), want))
 
 
+@on_tensor_device
 def bias_gelu_bwd(dh, x, bias, approximate="none"):
     """(dx, dbias fp32) of GELU(x + bias) for upstream dh (M, N)."""
     import torch
@@ -130,7 +135,7 @@ def bias_gelu_bwd(dh, x, bias, approximate="none"):
     part = alloc(P, N, device=x.device, dtype=torch.float32)
     if M and N:
         _bias_gelu_bwd[(P, strips)](dh, dh.stride(0), x, x.stride(0), bias, dx, dx.stride(0), part, M, N, per,
-                                   TANH=approximate == "tanh", BLOCK_M=bm, BLOCK_N=bn, num_warps=_BWD["num_warps"])
+                                   TANH=approximate == "tanh", **_BWD)
     return dx, part.sum(0)
 
 
@@ -141,19 +146,17 @@ def compile_specs() -> list[CompileSpec]:
     for dt in ("fp16", "bf16", "fp32"):
         for tanh in (False, True):
             form = "tanh" if tanh else "erf"
-            specs.append(CompileSpec(
+            specs.append(spec(
                 "_bias_gelu_fwd", _bias_gelu_fwd,
-                {"X": f"*{dt}", "stride_x": "i64", "BIAS": f"*{dt}", "H": f"*{dt}", "stride_h": "i64", "M": "i32",
+                {"X": f"*{dt}", "stride_x": "i32", "BIAS": f"*{dt}", "H": f"*{dt}", "stride_h": "i32", "M": "i32",
                  "N": "i32", "TANH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                {"TANH": tanh, "BLOCK_M": _FWD["BLOCK_M"], "BLOCK_N": _FWD["BLOCK_N"]}, f"{dt} {form} fwd",
-                num_warps=_FWD["num_warps"]))
-            specs.append(CompileSpec(
+                {"TANH": tanh}, _FWD, f"{dt} {form} fwd"))
+            specs.append(spec(
                 "_bias_gelu_bwd", _bias_gelu_bwd,
-                {"DH": f"*{dt}", "stride_dh": "i64", "X": f"*{dt}", "stride_x": "i64", "BIAS": f"*{dt}",
-                 "DX": f"*{dt}", "stride_dx": "i64", "DB_PART": "*fp32", "M": "i32", "N": "i32",
+                {"DH": f"*{dt}", "stride_dh": "i32", "X": f"*{dt}", "stride_x": "i32", "BIAS": f"*{dt}",
+                 "DX": f"*{dt}", "stride_dx": "i32", "DB_PART": "*fp32", "M": "i32", "N": "i32",
                  "rows_per_prog": "i32", "TANH": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
-                {"TANH": tanh, "BLOCK_M": _BWD["BLOCK_M"], "BLOCK_N": _BWD["BLOCK_N"]}, f"{dt} {form} bwd",
-                num_warps=_BWD["num_warps"]))
+                {"TANH": tanh}, _BWD, f"{dt} {form} bwd"))
     return specs
 
 

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .spec import CompileSpec, Cost
+from .launch import on_tensor_device
+from .spec import CompileSpec, Cost, spec
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp(_NEG - m) underflows to 0 without inf - inf = nan
 
@@ -146,6 +147,13 @@ def _warps(block_v: int) -> int:
     return 4 if block_v <= 1024 else 16
 
 
+def _config(V: int) -> dict:
+    """The launch configuration of both kernels for rows of V classes (read by compile_specs() too)."""
+    bv = _block_v(V)
+    return dict(BLOCK_V=bv, num_warps=_warps(bv), num_stages=2)
+
+
+@on_tensor_device
 def kd_forward(student, teacher, temperature: float, row_mask=None):
     """Per-row KL(softmax(teacher / T) || softmax(student / T)) and the two logsumexps.
 
@@ -163,13 +171,13 @@ def kd_forward(student, teacher, temperature: float, row_mask=None):
     lse_t = torch.empty_like(kl)
     if N == 0:
         return kl, lse_s, lse_t
-    bv = _block_v(V)
     mask = row_mask if row_mask is not None else _no_mask(student.device)
     _kd_fwd_kernel[(N,)](student, teacher, mask, kl, lse_s, lse_t, student.stride(0), teacher.stride(0), V,
-                         1.0 / temperature, HAS_MASK=row_mask is not None, BLOCK_V=bv, num_warps=_warps(bv))
+                         1.0 / temperature, HAS_MASK=row_mask is not None, **_config(V))
     return kl, lse_s, lse_t
 
 
+@on_tensor_device
 def kd_backward(grad_kl, student, teacher, lse_s, lse_t, temperature: float, row_mask=None):
     """Gradient of sum_i grad_kl[i] * KL_i w.r.t. the student logits.
 
@@ -185,11 +193,9 @@ def kd_backward(grad_kl, student, teacher, lse_s, lse_t, temperature: float, row
     if N == 0:
         return ds
     g = grad_kl if grad_kl.dtype == torch.float32 else grad_kl.float()
-    bv = _block_v(V)
     mask = row_mask if row_mask is not None else _no_mask(student.device)
     _kd_bwd_kernel[(N,)](student, teacher, mask, lse_s, lse_t, g, ds, student.stride(0), teacher.stride(0),
-                         g.stride(0), V, 1.0 / temperature, HAS_MASK=row_mask is not None, BLOCK_V=bv,
-                         num_warps=_warps(bv))
+                         g.stride(0), V, 1.0 / temperature, HAS_MASK=row_mask is not None, **_config(V))
     return ds
 
 
@@ -201,22 +207,21 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for ty in _TY:
         for has_mask in (False, True):
-            for bv in _BLOCKS_V:
-                label = f"{ty} BLOCK_V={bv}{' mask' if has_mask else ''}"
-                specs.append(CompileSpec(
+            for V in _BLOCKS_V:
+                cfg = _config(V)
+                label = f"{ty} BLOCK_V={cfg['BLOCK_V']}{' mask' if has_mask else ''}"
+                specs.append(spec(
                     "_kd_fwd_kernel", _kd_fwd_kernel,
                     {"S": f"*{ty}", "T": f"*{ty}", "ROW_MASK": "*i8", "KL": "*fp32", "LSE_S": "*fp32",
                      "LSE_T": "*fp32", "stride_s": "i64", "stride_t": "i64", "V": "i32", "inv_temp": "fp32",
                      "HAS_MASK": "constexpr", "BLOCK_V": "constexpr"},
-                    {"HAS_MASK": has_mask, "BLOCK_V": bv}, label + " fwd", num_warps=_warps(bv),
-                    extra={"divisible_by_16": ("S", "T", "KL", "LSE_S", "LSE_T")}))
-                specs.append(CompileSpec(
+                    {"HAS_MASK": has_mask}, cfg, label + " fwd"))
+                specs.append(spec(
                     "_kd_bwd_kernel", _kd_bwd_kernel,
                     {"S": f"*{ty}", "T": f"*{ty}", "ROW_MASK": "*i8", "LSE_S": "*fp32", "LSE_T": "*fp32",
                      "G": "*fp32", "DS": f"*{ty}", "stride_s": "i64", "stride_t": "i64", "stride_g": "i64",
                      "V": "i32", "inv_temp": "fp32", "HAS_MASK": "constexpr", "BLOCK_V": "constexpr"},
-                    {"HAS_MASK": has_mask, "BLOCK_V": bv}, label + " bwd", num_warps=_warps(bv),
-                    extra={"divisible_by_16": ("S", "T", "LSE_S", "LSE_T", "G", "DS")}))
+                    {"HAS_MASK": has_mask}, cfg, label + " bwd"))
     return specs
 
 

@@ -16,10 +16,13 @@ Statistics are fp32 whatever the storage dtype (fp32 / fp16 / bf16). Limits: N <
 """
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
 
-from .spec import CompileSpec, Cost
+from .launch import on_tensor_device
+from .spec import CompileSpec, Cost, spec
 
 MAX_WIDTH = 8192
 
@@ -100,145 +103,189 @@ def _ln_fwd(X, stride_x,            # input (M, N)
 #   dx      = dz * keep / (1 - p)                 (dz without dropout)
 #   d_in_b  = sum over rows of dx
 #   dw      = sum over rows of dy * xhat,  db = sum over rows of dy
-# Column sums are accumulated per program into (P, N) fp32 partials and reduced once afterwards.
+# Each program walks its contiguous block of rows ROWS at a time (a (ROWS, BLOCK_N) tile per step, so the loads of
+# several rows are in flight at once), accumulates the column sums in fp32 registers and writes them as (P, N)
+# partials, reduced once afterwards.
 @triton.jit
 def _ln_bwd(DY, stride_dy,          # upstream gradient (M, N)
             Z, stride_z,            # saved pre-norm sum (M, N)
             MEAN, RSTD,             # (M,) fp32 saved statistics
             W,                      # (N,) LayerNorm weight
             DZ, stride_dz,          # gradient of z = of the residual (M, N)
-            DX, stride_dx,          # gradient of x (M, N), written when HAS_DROPOUT (else equal to DZ)
+            DX, stride_dx,          # gradient of x (M, N), written when STORE_DX (else it equals DZ)
             DW_PART, DB_PART,       # (P, N) fp32 partial column sums
             DIB_PART,               # (P, N) fp32 partial input-bias gradient, when HAS_IN_BIAS
             SEED,                   # (1,) int64 Philox seed
-            M, N, rows_per_prog,    # rows, width, rows handled by one program
+            M, N, rows_per_prog,    # rows, width, rows handled by one program (a multiple of ROWS)
             p,                      # dropout probability
-            HAS_IN_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr):
+            HAS_IN_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DX: tl.constexpr,
+            ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    dib = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    dib = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     row0 = pid.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row0 + rows_per_prog, M)
-    for row in range(row0, row_end):
-        z = tl.load(Z + row * stride_z + cols, mask=cmask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=cmask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        xhat = tl.where(cmask, (z - mean) * rstd, 0.0)
-        g = dy * w
-        c1 = tl.sum(xhat * g, axis=0) / N
-        c2 = tl.sum(g, axis=0) / N
-        dz = tl.where(cmask, (g - c2 - xhat * c1) * rstd, 0.0)
+    for start in range(0, rows_per_prog, ROWS):
+        rows = row0 + start + tl.arange(0, ROWS)
+        rmask = rows < row_end
+        mask = rmask[:, None] & cmask[None, :]
+        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+        # g through a select, so the compiler cannot contract `g - mean(g)` into fma(dy, w, -mean(g)): that
+        # fma keeps dy * w unrounded on one side only, and rstd (up to 1/sqrt(eps) = 1e6 for a constant row)
+        # turns the rounding residue into an O(1e-2) gradient where the exact one is 0 (N = 1; seen on H100).
+        g = tl.where(mask, dy * w[None, :], 0.0)
+        c1 = tl.sum(xhat * g, axis=1) / N
+        c2 = tl.sum(g, axis=1) / N
+        dz = tl.where(mask, (g - c2[:, None] - xhat * c1[:, None]) * rstd[:, None], 0.0)
         dw += dy * xhat
         db += dy
-        tl.store(DZ + row * stride_dz + cols, dz.to(DZ.dtype.element_ty), mask=cmask)
+        tl.store(DZ + rows[:, None] * stride_dz + cols[None, :], dz.to(DZ.dtype.element_ty), mask=mask)
         dx = dz
         if HAS_DROPOUT:
-            keep = tl.rand(seed, row * N + cols) >= p
+            keep = tl.rand(seed, rows[:, None] * N + cols[None, :]) >= p
             dx = tl.where(keep, dz / (1.0 - p), 0.0)
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=cmask)
+        if STORE_DX:
+            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_IN_BIAS:
             dib += dx
-    tl.store(DW_PART + pid * N + cols, dw, mask=cmask)
-    tl.store(DB_PART + pid * N + cols, db, mask=cmask)
+    tl.store(DW_PART + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
+    tl.store(DB_PART + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
     if HAS_IN_BIAS:
-        tl.store(DIB_PART + pid * N + cols, dib, mask=cmask)
+        tl.store(DIB_PART + pid * N + cols, tl.sum(dib, axis=0), mask=cmask)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+# One configuration function per kernel: the launcher passes its dict as **kwargs and compile_specs() builds the
+# same dict (fastdistil check-kernels), so what is built is what runs.
 def _block_n(n: int) -> int:
     if n > MAX_WIDTH:
         raise ValueError(f"layer_norm kernels support widths up to {MAX_WIDTH}, got {n}")
     return max(16, triton.next_power_of_2(n))
 
 
-def _fwd_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps): about 4K elements per program, at least one row."""
+def fwd_config(n: int) -> dict:
+    """ROWS x BLOCK_N tiles of about 4K elements (at least one row), 8 warps at 4K; no loop, so one stage."""
     bn = _block_n(n)
     rows = max(1, min(16, 4096 // bn))
-    warps = max(1, min(8, bn * rows // 512))
-    return bn, rows, warps
+    return dict(ROWS=rows, BLOCK_N=bn, num_warps=max(1, min(8, bn * rows // 512)), num_stages=1)
 
 
-ROWS_PER_PARTIAL = 32
+def bwd_config(n: int, dropout: bool = False) -> dict:
+    """Row tiles of about 4K elements per loop step (8 rows at N = 384 -> 512), 8 warps, 2 stages.
+    Measured on H100 (2026-11-27, docs/gpu-runs/2026-11-27-h100-shared-harness/summary.json): the previous
+    one-row-per-iteration loop with 2 warps took 0.63 ms at M=16384, N=384 against 0.16 ms for torch's add +
+    layer_norm backward (too few loads in flight: 132 programs x 2 warps)."""
+    bn = _block_n(n)
+    rows = max(1, min(16, (2048 if dropout else 4096) // bn))  # dropout's Philox state: half the tile (N <= 256
+    # with 16 rows spilled at 255 registers on sm_90 without divisibility hints)
+    return dict(ROWS=rows, BLOCK_N=bn, num_warps=max(1, min(8, bn * rows // 512)), num_stages=2)
+
+
+ROWS_PER_PARTIAL = 64
+PROGRAMS_PER_SM = 4
 
 
 def partial_programs(m: int, sms: int = 132) -> int:
-    """Programs of a backward that writes (P, N) column partials: one per SM at most and >= 32 rows each, so the
-    partials (written and re-read once, fp32) stay under ~10% of the row traffic (the cost functions count them)."""
-    return max(1, min(sms, triton.cdiv(m, ROWS_PER_PARTIAL)))
+    """Programs of a backward that writes (P, N) column partials: up to PROGRAMS_PER_SM per SM (loads in flight)
+    and >= 64 rows each, so the partials (fp32, written and re-read once) stay near 5% of the row traffic (the
+    cost functions count them)."""
+    return max(1, min(PROGRAMS_PER_SM * sms, triton.cdiv(m, ROWS_PER_PARTIAL)))
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Multiprocessors of CUDA device `index` (queried once per device)."""
+    import torch
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_programs(m: int, device) -> int:
-    import torch
     if device.type == "cuda":
-        return partial_programs(m, torch.cuda.get_device_properties(device).multi_processor_count)
+        import torch
+        return partial_programs(m, sm_count(device.index if device.index is not None else torch.cuda.current_device()))
     return max(1, min(m, 8))  # the interpreter runs programs one after another
 
 
+def _split_rows(m: int, device, rows: int) -> tuple[int, int]:
+    """(programs P, rows per program, a multiple of `rows`) covering m rows."""
+    if not m:
+        return 1, rows
+    per = triton.cdiv(triton.cdiv(m, _num_programs(m, device)), rows) * rows
+    return triton.cdiv(m, per), per
+
+
+@on_tensor_device
 def layer_norm_fwd(x, weight, bias, eps, residual=None, input_bias=None, dropout_p=0.0, seed=None,
                    store_z=False, store_stats=True):
     """Launch the forward.
 
     Args:
-        x: (M, N) with unit column stride. residual: optional (M, N) like x. input_bias: optional (N,).
+        x: (M, N) with unit column stride. residual: optional (M, N), of x's dtype or another (under autocast a
+            bf16 GEMM output meets an fp32 residual stream). input_bias: optional (N,).
         weight, bias: (N,). seed: (1,) int64 tensor, required when dropout_p > 0.
-        store_z: also return z = dropout(x + input_bias) + residual in x's dtype (what the backward reads).
+        store_z: also return z = dropout(x + input_bias) + residual (what the backward reads).
     Returns:
-        (y, z or None, mean, rstd): y (M, N) in x's dtype, mean/rstd (M,) fp32 (empty unless store_stats).
+        (y, z or None, mean, rstd): y (M, N) in the promoted dtype of x and residual, z likewise, mean/rstd (M,)
+        fp32 (empty unless store_stats).
     """
     import torch
     M, N = x.shape
-    bn, rows, warps = _fwd_config(N)
-    y = torch.empty_like(x)
-    z = torch.empty_like(x) if store_z else y
+    cfg = fwd_config(N)
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = torch.empty(M, N, device=x.device, dtype=out_dtype)
+    z = torch.empty_like(y) if store_z else y
     mean = torch.empty(M if store_stats else 0, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     has_res, has_ib, has_drop = residual is not None, input_bias is not None, dropout_p > 0.0
     res = residual if has_res else x
     if M == 0:
         return y, (z if store_z else None), mean, rstd
-    _ln_fwd[(triton.cdiv(M, rows),)](
+    _ln_fwd[(triton.cdiv(M, cfg["ROWS"]),)](
         x, x.stride(0), res, res.stride(0), input_bias if has_ib else weight, weight, bias, y, y.stride(0),
         z, z.stride(0), mean, rstd, seed if has_drop else mean, M, N, float(dropout_p), float(eps),
-        HAS_RES=has_res, HAS_IN_BIAS=has_ib, HAS_DROPOUT=has_drop, STORE_Z=store_z, STORE_STATS=store_stats,
-        ROWS=rows, BLOCK_N=bn, num_warps=warps)
+        HAS_RES=has_res, HAS_IN_BIAS=has_ib, HAS_DROPOUT=has_drop, STORE_Z=store_z, STORE_STATS=store_stats, **cfg)
     return y, (z if store_z else None), mean, rstd
 
 
-def layer_norm_bwd(dy, z, mean, rstd, weight, has_input_bias=False, dropout_p=0.0, seed=None):
+@on_tensor_device
+def layer_norm_bwd(dy, z, mean, rstd, weight, has_input_bias=False, dropout_p=0.0, seed=None, dx_dtype=None):
     """Launch the backward.
 
     Args:
         dy: (M, N) upstream gradient. z, mean, rstd: what the forward saved. weight: (N,).
+        dx_dtype: dtype of the input x when it differs from z's (autocast: a bf16 GEMM output under an fp32
+            residual stream); dx is then written in it directly.
     Returns:
-        (dx, dres, dweight, dbias, dinput_bias or None): dres = dz; dx is dz itself unless dropout_p > 0.
+        (dx, dres, dweight, dbias, dinput_bias or None): dres = dz; dx is dz itself unless dropout_p > 0 or
+        dx_dtype differs from z's dtype.
     """
     import torch
     M, N = z.shape
     dy = dy.contiguous()
-    bn = _block_n(N)
-    P = _num_programs(M, z.device)
-    per = triton.cdiv(M, P) if M else 1
-    P = triton.cdiv(M, per) if M else 1
+    cfg = bwd_config(N, dropout_p > 0.0)
+    P, per = _split_rows(M, z.device, cfg["ROWS"])
     dz = torch.empty_like(z)
     has_drop = dropout_p > 0.0
-    dx = torch.empty_like(z) if has_drop else dz
+    store_dx = has_drop or (dx_dtype is not None and dx_dtype != z.dtype)
+    dx = torch.empty(M, N, device=z.device, dtype=dx_dtype or z.dtype) if store_dx else dz
     f32 = dict(device=z.device, dtype=torch.float32)
     dw_part, db_part = torch.empty(P, N, **f32), torch.empty(P, N, **f32)
     dib_part = torch.empty(P, N, **f32) if has_input_bias else dw_part
     if M:
         _ln_bwd[(P,)](dy, dy.stride(0), z, z.stride(0), mean, rstd, weight, dz, dz.stride(0), dx, dx.stride(0),
                       dw_part, db_part, dib_part, seed if has_drop else mean, M, N, per, float(dropout_p),
-                      HAS_IN_BIAS=has_input_bias, HAS_DROPOUT=has_drop, BLOCK_N=bn,
-                      num_warps=max(1, min(8, bn // 256)))
+                      HAS_IN_BIAS=has_input_bias, HAS_DROPOUT=has_drop, STORE_DX=store_dx, **cfg)
     else:
         dw_part.zero_(), db_part.zero_(), dib_part.zero_()
     dw = dw_part.sum(0).to(weight.dtype)
@@ -254,46 +301,61 @@ def _keep_mask(SEED, OUT, M, N, p, BLOCK: tl.constexpr):
     tl.store(OUT + offs, keep.to(tl.int8), mask=offs < M * N)
 
 
+_MASK_CFG = dict(BLOCK=1024, num_warps=4, num_stages=1)
+
+
+@on_tensor_device
 def dropout_keep_mask(seed, M, N, dropout_p):
     """The (M, N) bool keep-mask the kernels draw for `seed` (tests and references use it)."""
     import torch
     out = torch.empty(M, N, dtype=torch.int8, device=seed.device)
-    _keep_mask[(triton.cdiv(M * N, 1024),)](seed, out, M, N, float(dropout_p), BLOCK=1024)
+    _keep_mask[(triton.cdiv(M * N, _MASK_CFG["BLOCK"]),)](seed, out, M, N, float(dropout_p), **_MASK_CFG)
     return out.bool()
 
 
 # ------------------------------------------------------------------------------------------- protocol
 _DT = {"fp16": 2, "bf16": 2, "fp32": 4}
+# Storage dtypes (x and input bias, everything else) the launchers see: one dtype throughout, or autocast's mix of
+# a bf16/fp16 GEMM output with an fp32 residual stream, fp32 LayerNorm parameters and an fp32 result.
+_MIXES = [(dt, dt) for dt in _DT] + [("bf16", "fp32"), ("fp16", "fp32")]
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every (width class, dtype, fusion) the launchers choose for BERT widths (250, 384, 768, 1024)."""
+    """Every (width class, dtype mix, fusion) the launchers choose for BERT widths (250, 384, 768, 1024)."""
     specs = []
     for n in (256, 512, 1024):
-        bn, rows, warps = _fwd_config(n)
-        for dt in _DT:
-            for res, ib, drop, sz in ((False, False, False, False), (True, True, False, False),
-                                      (True, True, True, True)):
-                sig = {"X": f"*{dt}", "stride_x": "i64", "RES": f"*{dt}", "stride_res": "i64", "IN_BIAS": f"*{dt}",
-                       "W": f"*{dt}", "B": f"*{dt}", "Y": f"*{dt}", "stride_y": "i64", "Z": f"*{dt}",
-                       "stride_z": "i64", "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32",
-                       "p": "fp32", "eps": "fp32", "HAS_RES": "constexpr", "HAS_IN_BIAS": "constexpr",
-                       "HAS_DROPOUT": "constexpr", "STORE_Z": "constexpr", "STORE_STATS": "constexpr",
-                       "ROWS": "constexpr", "BLOCK_N": "constexpr"}
-                ce = {"HAS_RES": res, "HAS_IN_BIAS": ib, "HAS_DROPOUT": drop, "STORE_Z": sz, "STORE_STATS": True,
-                      "ROWS": rows, "BLOCK_N": bn}
+        fc = fwd_config(n)
+        bn = fc["BLOCK_N"]
+        for xt, ot in _MIXES:
+            amp = "" if xt == ot else f" x={xt}"
+            # (residual, input bias, dropout, training): inference stores neither z nor the statistics
+            modes = [(False, False, False, False), (False, False, False, True), (True, True, False, False),
+                     (True, True, False, True), (True, True, True, True)]
+            for res, ib, drop, train in modes if xt == ot else modes[2:]:
+                sz = train and (res or ib or drop)
+                sig = {"X": f"*{xt}", "stride_x": "i32", "RES": f"*{ot if res else xt}", "stride_res": "i32",
+                       "IN_BIAS": f"*{xt if ib else ot}", "W": f"*{ot}", "B": f"*{ot}", "Y": f"*{ot}",
+                       "stride_y": "i32", "Z": f"*{ot}", "stride_z": "i32", "MEAN": "*fp32", "RSTD": "*fp32",
+                       "SEED": "*i64" if drop else "*fp32", "M": "i32", "N": "i32", "p": "fp32", "eps": "fp32",
+                       "HAS_RES": "constexpr", "HAS_IN_BIAS": "constexpr", "HAS_DROPOUT": "constexpr",
+                       "STORE_Z": "constexpr", "STORE_STATS": "constexpr", "ROWS": "constexpr", "BLOCK_N": "constexpr"}
+                flags = {"HAS_RES": res, "HAS_IN_BIAS": ib, "HAS_DROPOUT": drop, "STORE_Z": sz, "STORE_STATS": train}
                 tag = "+".join(t for t, on in (("res", res), ("bias", ib), ("dropout", drop)) if on) or "plain"
-                specs.append(CompileSpec("_ln_fwd", _ln_fwd, sig, ce, f"N<={bn} {dt} {tag} fwd", num_warps=warps))
-            for ib, drop in ((False, False), (True, True)):
-                sig = {"DY": f"*{dt}", "stride_dy": "i64", "Z": f"*{dt}", "stride_z": "i64", "MEAN": "*fp32",
-                       "RSTD": "*fp32", "W": f"*{dt}", "DZ": f"*{dt}", "stride_dz": "i64", "DX": f"*{dt}",
-                       "stride_dx": "i64", "DW_PART": "*fp32", "DB_PART": "*fp32", "DIB_PART": "*fp32",
-                       "SEED": "*i64", "M": "i32", "N": "i32", "rows_per_prog": "i32", "p": "fp32",
-                       "HAS_IN_BIAS": "constexpr", "HAS_DROPOUT": "constexpr", "BLOCK_N": "constexpr"}
-                ce = {"HAS_IN_BIAS": ib, "HAS_DROPOUT": drop, "BLOCK_N": bn}
-                specs.append(CompileSpec("_ln_bwd", _ln_bwd, sig, ce,
-                                         f"N<={bn} {dt} {'bias+dropout' if drop else 'plain'} bwd",
-                                         num_warps=max(1, min(8, bn // 256))))
+                specs.append(spec("_ln_fwd", _ln_fwd, sig, flags, fc,
+                                  f"N<={bn} {ot}{amp} {tag} {'train' if train else 'infer'} fwd"))
+            for ib, drop in ((False, False), (True, True), (True, False)):
+                store_dx = drop or xt != ot
+                sig = {"DY": f"*{ot}", "stride_dy": "i32", "Z": f"*{ot}", "stride_z": "i32", "MEAN": "*fp32",
+                       "RSTD": "*fp32", "W": f"*{ot}", "DZ": f"*{ot}", "stride_dz": "i32",
+                       "DX": f"*{xt}", "stride_dx": "i32", "DW_PART": "*fp32", "DB_PART": "*fp32", "DIB_PART": "*fp32",
+                       "SEED": "*i64" if drop else "*fp32", "M": "i32", "N": "i32", "rows_per_prog": "i32",
+                       "p": "fp32", "HAS_IN_BIAS": "constexpr", "HAS_DROPOUT": "constexpr", "STORE_DX": "constexpr",
+                       "ROWS": "constexpr", "BLOCK_N": "constexpr"}
+                flags = {"HAS_IN_BIAS": ib, "HAS_DROPOUT": drop, "STORE_DX": store_dx}
+                tag = "+".join(t for t, on in (("bias", ib), ("dropout", drop)) if on) or "plain"
+                specs.append(spec("_ln_bwd", _ln_bwd, sig, flags, bwd_config(n, drop), f"N<={bn} {ot}{amp} {tag} bwd"))
+    specs.append(spec("_keep_mask", _keep_mask, {"SEED": "*i64", "OUT": "*i8", "M": "i32", "N": "i32", "p": "fp32",
+                                                  "BLOCK": "constexpr"}, {}, _MASK_CFG, "dropout mask (tests)"))
     return specs
 
 

@@ -18,6 +18,7 @@ Interpreter workaround (Triton 3.9, issue 11584): bf16 tl.dot multiplies raw bit
 sets UPCAST=True when TRITON_INTERPRET=1 and the operands are bf16: the tiles are cast to fp32 before the dot.
 On a GPU UPCAST is False and bf16 runs on tensor cores; the bf16 path is otherwise the fp16 code.
 Limits: K, N any (masked); unit column stride for A, W, C; EPILOGUE 2 needs N <= 512 (wider: GEMM, then kernels/layer_norm.py).
+The ops use these kernels up to FUSED_MAX_ROWS rows; above, a library GEMM and the epilogue's own kernel (see there).
 """
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ import triton
 import triton.language as tl
 
 from .gelu import gelu_math
+from fastdistil.backend import interpreting
+
+from .launch import on_tensor_device
 from .layer_norm import ln_rows
-from .spec import CompileSpec, Cost, gemm_cost
+from .spec import CompileSpec, Cost, gemm_cost, spec
 
 LN_MAX_WIDTH = 512  # wider rows (768) spill with a full-row fp32 accumulator; they run GEMM + LN kernel
 
@@ -94,10 +98,35 @@ def _linear_fwd(A, stride_am,                 # (M, K) input
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-# Tiles chosen so that every build is spill-free for sm_80 and sm_90 (fastdistil check-kernels, Triton 3.9):
+# One configuration table for the launchers and compile_specs() (what check-kernels builds is what runs).
 # fp32 runs on CUDA-core FMAs (ieee), whose operand fragments live in registers, so its tiles are smaller.
-_TILES = {"lowp": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
-          "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=2)}
+# lowp: 8 warps. With 4 warps and 3 stages (Triton's default) the GELU epilogue build spilled 10 registers at
+# 255 on sm_90 once the JIT's 16-divisibility hints applied (measured on H100, Triton 3.6, 2026-11-27,
+# docs/gpu-runs/2026-11-27-h100-shared-harness/kernels_dense.json); check-kernels had built it without hints.
+# fp32: 8 warps (4 warps with 2 stages put 16 bytes on the stack on sm_90 with the divisibility hints).
+_TILES = {"lowp": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+          "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=2)}
+
+# When the fused epilogues pay (use_fused_epilogue). Measured on H100 (2026-11-27, bf16, docs/gpu-runs/
+# 2026-11-27-h100-shared-harness/summary.json "micro"): at M = 16384 rows the GELU-epilogue GEMM (64x128 tiles)
+# took 0.100 ms against 0.083 ms for cuBLAS linear + torch gelu (its tensor cores ran at 194 TFLOP/s, cuBLAS's
+# at 454), and the LayerNorm-epilogue GEMM (16 x 512 full-row tiles: W, 1.2 MB at K=1536, is re-read from L2 for
+# every 16 rows, M/16 x |W| = 1.2 GB at M=16384) took 0.396 ms against 0.125 ms for cuBLAS + our LayerNorm
+# kernel. Below a few thousand rows every variant was launch/host-bound (0.10-0.14 ms for all of them), where the
+# fused form saves a launch and an (M, N) round trip. Cost model: the re-read W traffic of the LN epilogue,
+# (M / BLOCK_M) x N x K x 2 bytes, passes the (M, N) round trip it saves (~3 x M x N x 2 bytes) once
+# K / BLOCK_M > 3, i.e. always at BERT widths, so the LN epilogue only pays while launches dominate: up to
+# FUSED_MAX_ROWS rows (4096: 2.4 us of extra L2 traffic at ~10 TB/s for K=1536, under one launch).
+FUSED_MAX_ROWS = 4096
+
+
+def use_fused_epilogue(rows: int, n: int, k: int, epilogue: str) -> bool:
+    """Whether linear_gelu / linear_layer_norm run the Triton GEMM with its fused epilogue ("gelu" or
+    "layer_norm") for a (rows, k) x (k, n) product, or a library GEMM followed by the epilogue as its own kernel
+    (the cost model, fastdistil/bench/costmodel.py, makes the same choice). See FUSED_MAX_ROWS for why."""
+    if epilogue == "layer_norm" and n > LN_MAX_WIDTH:
+        return False
+    return rows <= FUSED_MAX_ROWS
 
 
 def _tile(dtype_name: str) -> dict:
@@ -107,23 +136,26 @@ def _tile(dtype_name: str) -> dict:
 def _ln_tile(n: int, dtype_name: str = "fp16") -> dict:
     """Full-row tiles: BLOCK_M x next_pow2(N) with at most 8K fp32 accumulator elements (4K for fp32 operands,
     whose dot fragments live in registers; BLOCK_M >= 16 for tl.dot), a thin K step so the W^T tile stays small,
-    8 warps: spill-free with the dropout epilogue up to N = 512. (N = 1024 spilled 64-900 bytes at 8 and 16 warps
-    with Triton 3.9, so 768-wide models take the unfused path.)"""
+    8 warps and one stage for fp16/bf16 (2 stages put 8 bytes on the stack on sm_80 once the divisibility hints
+    applied), 16 warps for fp32 (8 warps sat at 255 registers with dropout): spill-free with the dropout epilogue
+    up to N = 512. (N = 1024 spilled 64-900 bytes at 8 and 16 warps with Triton 3.9, so 768-wide models take the
+    unfused path.) Used at M <= FUSED_MAX_ROWS only, where launches, not the K loop's pipelining, dominate."""
     if n > LN_MAX_WIDTH:
         raise ValueError(f"the LayerNorm epilogue supports widths up to {LN_MAX_WIDTH}, got {n}")
     bn = max(16, triton.next_power_of_2(n))
-    budget = 4096 if dtype_name in ("fp32", "float32") else 8192  # 16K spilled (~1 KB) with dropout
-    return dict(BLOCK_M=max(16, budget // bn), BLOCK_N=bn, BLOCK_K=16, GROUP_M=1, num_warps=8, num_stages=2)
+    fp32 = dtype_name in ("fp32", "float32")
+    budget = 4096 if fp32 else 8192  # 16K spilled (~1 KB) with dropout
+    return dict(BLOCK_M=max(16, budget // bn), BLOCK_N=bn, BLOCK_K=16, GROUP_M=1, num_warps=16 if fp32 else 8,
+                num_stages=2 if fp32 else 1)
 
 
-def _common(a, w):
+def _common(a):
     import torch
-
-    from fastdistil.backend import interpreting
     upcast = interpreting() and a.dtype == torch.bfloat16
     return dict(UPCAST=upcast, PRECISION="ieee")
 
 
+@on_tensor_device
 def linear_gelu_fwd(a, w, bias, epilogue_gelu=True, approximate="none", store_pre=False):
     """C = GELU(a @ w.T + bias) (or a @ w.T + bias when not epilogue_gelu); a (M, K), w (N, K), bias (N,).
     Returns (C, PRE or None) where PRE = a @ w.T (no bias), stored only when store_pre."""
@@ -138,19 +170,21 @@ def linear_gelu_fwd(a, w, bias, epilogue_gelu=True, approximate="none", store_pr
         _linear_fwd[grid](a, a.stride(0), w, w.stride(0), bias, c, c.stride(0), pre, pre.stride(0), c, 0, bias, bias,
                           c, 0, bias, bias, bias, M, N, K, 0.0, 0.0,
                           EPILOGUE=1 if epilogue_gelu else 0, TANH=approximate == "tanh", STORE_PRE=store_pre,
-                          HAS_DROPOUT=False, STORE_Z=False, STORE_STATS=False, **_common(a, w), **t)
+                          HAS_DROPOUT=False, STORE_Z=False, STORE_STATS=False, **_common(a), **t)
     return c, (pre if store_pre else None)
 
 
+@on_tensor_device
 def linear_layer_norm_fwd(a, w, bias, residual, ln_w, ln_b, eps, dropout_p=0.0, seed=None, save=False):
     """y = LayerNorm(dropout(a @ w.T + bias) + residual). Returns (y, z, mean, rstd); z/mean/rstd (what the
-    backward needs) are written only when `save`, else (y, None, empty, empty)."""
+    backward needs) are written only when `save`, else (y, None, empty, empty). y and z have the promoted dtype of
+    a and residual (autocast: a bf16 GEMM into an fp32 residual stream gives fp32)."""
     import torch
     M, K = a.shape
     N = w.shape[0]
     t = _ln_tile(N, str(a.dtype).replace("torch.", ""))
-    y = torch.empty(M, N, device=a.device, dtype=a.dtype)
-    z = torch.empty(M, N, device=a.device, dtype=a.dtype) if save else y
+    y = torch.empty(M, N, device=a.device, dtype=torch.promote_types(a.dtype, residual.dtype))
+    z = torch.empty_like(y) if save else y
     mean = torch.empty(M if save else 0, device=a.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     has_drop = dropout_p > 0
@@ -159,41 +193,48 @@ def linear_layer_norm_fwd(a, w, bias, residual, ln_w, ln_b, eps, dropout_p=0.0, 
             a, a.stride(0), w, w.stride(0), bias, y, y.stride(0), y, 0, residual, residual.stride(0), ln_w, ln_b,
             z, z.stride(0), mean, rstd, seed if has_drop else mean, M, N, K, float(dropout_p), float(eps),
             EPILOGUE=2, TANH=False, STORE_PRE=False, HAS_DROPOUT=has_drop, STORE_Z=save, STORE_STATS=save,
-            **_common(a, w), **t)
+            **_common(a), **t)
     return y, (z if save else None), mean, rstd
 
 
 # ------------------------------------------------------------------------------------------- protocol
+def _signature(xt: str, ot: str, epilogue: int, dropout: bool) -> dict:
+    """Argument types as the launchers pass them: A/W/BIAS in the GEMM dtype xt; for the LayerNorm epilogue the
+    residual, LN parameters, output and z in ot (fp32 under autocast); the unused pointers alias C or BIAS."""
+    unused = f"*{xt}"  # the GEMM-only epilogues pass C / BIAS for the LayerNorm pointers
+    ln = epilogue == 2
+    sig = {"A": f"*{xt}", "stride_am": "i32", "W": f"*{xt}", "stride_wn": "i32", "BIAS": f"*{xt}",
+           "C": f"*{ot}", "stride_cm": "i32", "PRE": f"*{ot}", "stride_pm": "i32",
+           "RES": f"*{ot}", "stride_res": "i32", "LN_W": f"*{ot}" if ln else unused, "LN_B": f"*{ot}" if ln else unused,
+           "Z": f"*{ot}", "stride_z": "i32", "MEAN": "*fp32" if ln else unused, "RSTD": "*fp32" if ln else unused,
+           "SEED": "*i64" if dropout else ("*fp32" if ln else unused), "M": "i32", "N": "i32", "K": "i32",
+           "p": "fp32", "eps": "fp32"}
+    for k in ("EPILOGUE", "TANH", "STORE_PRE", "HAS_DROPOUT", "STORE_Z", "STORE_STATS", "UPCAST", "PRECISION",
+              "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+        sig[k] = "constexpr"
+    return sig
+
+
 def compile_specs() -> list[CompileSpec]:
     """Every epilogue for fp16/bf16/fp32 at the tiles the launchers choose (LN widths 256/512 cover the 250-odd test
-    width and 384)."""
+    width and 384), plus the LayerNorm epilogue under autocast (bf16/fp16 GEMM, fp32 residual stream)."""
     specs = []
+    base = dict(TANH=False, STORE_PRE=False, HAS_DROPOUT=False, STORE_Z=False, STORE_STATS=False, UPCAST=False,
+                PRECISION="ieee")
     for dt in ("fp16", "bf16", "fp32"):
-        sig = {"A": f"*{dt}", "stride_am": "i64", "W": f"*{dt}", "stride_wn": "i64", "BIAS": f"*{dt}",
-               "C": f"*{dt}", "stride_cm": "i64", "PRE": f"*{dt}", "stride_pm": "i64", "RES": f"*{dt}",
-               "stride_res": "i64", "LN_W": f"*{dt}", "LN_B": f"*{dt}", "Z": f"*{dt}", "stride_z": "i64",
-               "MEAN": "*fp32", "RSTD": "*fp32", "SEED": "*i64", "M": "i32", "N": "i32", "K": "i32", "p": "fp32",
-               "eps": "fp32"}
-        for k in ("EPILOGUE", "TANH", "STORE_PRE", "HAS_DROPOUT", "STORE_Z", "STORE_STATS", "UPCAST", "PRECISION",
-                  "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
-            sig[k] = "constexpr"
-        base = dict(TANH=False, STORE_PRE=False, HAS_DROPOUT=False, STORE_Z=False, STORE_STATS=False, UPCAST=False,
-                    PRECISION="ieee")
         tc = dt != "fp32"
-        tile = _tile(dt)
-        t = {k: v for k, v in tile.items() if k not in ("num_warps", "num_stages")}
         for epi, extra, label in ((0, {}, "bias"), (1, {}, "bias+gelu infer"), (1, {"STORE_PRE": True}, "bias+gelu train")):
-            specs.append(CompileSpec("_linear_fwd", _linear_fwd, dict(sig), {**base, **extra, "EPILOGUE": epi, **t},
-                                     f"{dt} {label}", num_warps=tile["num_warps"], num_stages=tile["num_stages"],
-                                     expect_tensor_cores=tc, extra={"ieee": not tc}))
-        for n in (256, 512):
-            lt = _ln_tile(n, dt)
-            t = {k: v for k, v in lt.items() if k not in ("num_warps", "num_stages")}
-            for extra, label in (({}, "infer"), ({"HAS_DROPOUT": True, "STORE_Z": True, "STORE_STATS": True}, "train")):
-                specs.append(CompileSpec("_linear_fwd", _linear_fwd, dict(sig), {**base, **extra, "EPILOGUE": 2, **t},
-                                         f"{dt} N<={n} bias+dropout+res+LN {label}", num_warps=lt["num_warps"],
-                                         num_stages=lt["num_stages"], expect_tensor_cores=tc,
-                                         extra={"ieee": not tc}))
+            specs.append(spec("_linear_fwd", _linear_fwd, _signature(dt, dt, epi, False), {**base, **extra, "EPILOGUE": epi},
+                              _tile(dt), f"{dt} {label}", expect_tensor_cores=tc, extra={"ieee": not tc}))
+        for ot in ((dt,) if dt == "fp32" else (dt, "fp32")):
+            amp = "" if ot == dt else " out=fp32"
+            for n in (256, 512):
+                for extra, label in (({}, "infer"), ({"STORE_Z": True, "STORE_STATS": True}, "train"),
+                                     ({"HAS_DROPOUT": True, "STORE_Z": True, "STORE_STATS": True}, "train+dropout")):
+                    specs.append(spec("_linear_fwd", _linear_fwd, _signature(dt, ot, 2, extra.get("HAS_DROPOUT", False)),
+                                      {**base, **extra, "EPILOGUE": 2}, _ln_tile(n, dt),
+                                      f"{dt}{amp} N<={n} bias+dropout+res+LN {label}", expect_tensor_cores=tc,
+                                      extra={"ieee": not tc}))
     return specs
 
 

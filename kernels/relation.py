@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import check_grid, on_tensor_device
 from .spec import CompileSpec, Cost
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": no inf - inf = nan in the online rescale
@@ -88,8 +89,8 @@ def _relation_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(0)                      # sequences on axis 0: more than 65,535 of them launch
+    pid_m = tl.program_id(1)
     r = tl.program_id(2).to(tl.int64)
     start, seqlen = _seq_bounds(CU, b, L, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
@@ -172,8 +173,8 @@ def _relation_bwd_da_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(0)                      # sequences on axis 0: more than 65,535 of them launch
+    pid_m = tl.program_id(1)
     r = tl.program_id(2).to(tl.int64)
     start, seqlen = _seq_bounds(CU, b, L, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
@@ -235,8 +236,8 @@ def _relation_bwd_db_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(0)
+    pid_n = tl.program_id(1)
     r = tl.program_id(2).to(tl.int64)
     start, seqlen = _seq_bounds(CU, b, L, VARLEN)
     if pid_n * BLOCK_N >= seqlen:
@@ -302,6 +303,7 @@ _CONFIGS = {
     ("fp32", "bwd"): ((32, 32, 8), (32, 32, 8), (16, 16, 4)),
 }
 MAX_HEAD_DIM = 128
+NUM_STAGES = 2  # every relation kernel, launched and built alike
 
 
 def _config(dt: int, ds: int, dtype_class: str, kind: str) -> tuple[int, int, int]:
@@ -345,6 +347,7 @@ def _geometry(a_s, cu_seqlens, max_seqlen):
     return B, L, B * L, False
 
 
+@on_tensor_device
 def relation_forward(a_s, b_s, a_t, b_t, scale_s: float, scale_t: float, cu_seqlens=None, max_seqlen=None,
                      mask=None):
     """Per-row relation KL and the two logsumexps, without an L x L buffer.
@@ -368,16 +371,17 @@ def relation_forward(a_s, b_s, a_t, b_t, scale_s: float, scale_t: float, cu_seql
         raise ValueError(f"relation-head widths up to {MAX_HEAD_DIM} are supported, got teacher {Dt}, student {Ds}")
     bm, bn, warps = _config(Dt, Ds, _dtype_class(a_s.dtype), "fwd")
     cu, mk = _aux(cu_seqlens if varlen else None, mask, a_s.device)
-    grid = (triton.cdiv(L, bm), B, R)
+    grid = check_grid((B, triton.cdiv(L, bm), R))
     _relation_fwd_kernel[grid](
         a_t, b_t, a_s, b_s, *_strides(a_t), *_strides(b_t), *_strides(a_s), *_strides(b_s),
         cu, mk, kl, lse_t, lse_s, N, L,
         scale_t, scale_s, DT=Dt, DS=Ds, BLOCK_DT=_block_d(Dt), BLOCK_DS=_block_d(Ds), BLOCK_M=bm, BLOCK_N=bn,
         VARLEN=varlen, HAS_MASK=mask is not None, DOT_F32=_dot_f32(a_s.dtype), PREC=_prec(a_s.dtype),
-        num_warps=warps)
+        num_warps=warps, num_stages=NUM_STAGES)
     return kl, lse_t, lse_s
 
 
+@on_tensor_device
 def relation_backward(grad_kl, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s: float, scale_t: float,
                       cu_seqlens=None, max_seqlen=None, mask=None, need_a: bool = True, need_b: bool = True):
     """Gradients of sum(grad_kl * KL) w.r.t. the student's a_s and b_s (recomputing the relations).
@@ -396,7 +400,7 @@ def relation_backward(grad_kl, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s: float,
     bm, bn, warps = _config(Dt, Ds, _dtype_class(a_s.dtype), "bwd")
     consts = dict(DT=Dt, DS=Ds, BLOCK_DT=_block_d(Dt), BLOCK_DS=_block_d(Ds), BLOCK_M=bm, BLOCK_N=bn,
                   VARLEN=varlen, HAS_MASK=mask is not None, DOT_F32=_dot_f32(a_s.dtype), PREC=_prec(a_s.dtype),
-                  num_warps=warps)
+                  num_warps=warps, num_stages=NUM_STAGES)
     cu, mk = _aux(cu_seqlens if varlen else None, mask, a_s.device)
     common = (a_t, b_t, a_s, b_s, *_strides(a_t), *_strides(b_t), *_strides(a_s), *_strides(b_s), cu, mk, lse_t, lse_s,
               g, g.stride(0), g.stride(1))
@@ -407,14 +411,14 @@ def relation_backward(grad_kl, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s: float,
         if empty:
             da.zero_()
         else:
-            _relation_bwd_da_kernel[(triton.cdiv(L, bm), B, R)](*common, da, *_strides(da), N, L, scale_t, scale_s,
+            _relation_bwd_da_kernel[check_grid((B, triton.cdiv(L, bm), R))](*common, da, *_strides(da), N, L, scale_t, scale_s,
                                                                 **consts)
     if need_b:
         db = torch.empty(b_s.shape, dtype=b_s.dtype, device=b_s.device)
         if empty:
             db.zero_()
         else:
-            _relation_bwd_db_kernel[(triton.cdiv(L, bn), B, R)](*common, db, *_strides(db), N, L, scale_t, scale_s,
+            _relation_bwd_db_kernel[check_grid((B, triton.cdiv(L, bn), R))](*common, db, *_strides(db), N, L, scale_t, scale_s,
                                                                 **consts)
     return da, db
 
@@ -469,7 +473,7 @@ def compile_specs() -> list[CompileSpec]:
                         fn.__name__, fn, _signature(ty, kind), consts,
                         f"{ty} Dt={dt} Ds={ds} {'varlen' if varlen else 'padded+mask' if has_mask else 'padded'} "
                         f"{kind}",
-                        num_warps=warps, num_stages=2, expect_tensor_cores=ty != "fp32",
+                        num_warps=warps, num_stages=NUM_STAGES, expect_tensor_cores=ty != "fp32",
                         extra={"ieee": ty == "fp32", "divisible_by_16": _ALIGNED[kind]}))
     return specs
 

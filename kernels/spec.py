@@ -34,6 +34,23 @@ class CompileSpec:
     extra: dict = field(default_factory=dict)
 
 
+def launch_options(cfg: dict) -> tuple[dict, int, int]:
+    """Split a launch configuration (block sizes + num_warps + num_stages, the dict a launcher passes as
+    ``kernel[grid](..., **cfg)``) into (constexprs, num_warps, num_stages) for a CompileSpec."""
+    tiles = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    return tiles, cfg["num_warps"], cfg["num_stages"]
+
+
+def spec(name: str, fn, signature: dict, flags: dict, cfg: dict, label: str, **kw) -> CompileSpec:
+    """The CompileSpec of a launch with constexpr `flags` and configuration `cfg` (the same dict the launcher
+    passes): the built configuration and the launched one are one object."""
+    tiles, warps, stages = launch_options(cfg)
+    order = getattr(fn, "arg_names", None)  # Triton reads the signature in parameter order
+    if order and set(order) == set(signature):
+        signature = {n: signature[n] for n in order}
+    return CompileSpec(name, fn, signature, {**flags, **tiles}, label, warps, stages, **kw)
+
+
 def gemm_cost(name: str, m: int, n: int, k: int, elem_bytes: int, backward: bool = False) -> list[Cost]:
     """C (m, n) = A (m, k) @ B (k, n) on tensor cores; backward adds dA and dB GEMMs."""
     out = [Cost(name, 2.0 * m * n * k, elem_bytes * (m * k + k * n + m * n), 1, True)]

@@ -163,17 +163,19 @@ def available_kernel_costs() -> dict[str, bool]:
     return out
 
 
-def fused_epilogues_available(hidden: int = 384) -> bool:
+def fused_epilogues_available(hidden: int = 384, tokens: int | None = None) -> bool:
     """Whether the triton backend runs the attention-output and FFN blocks as GEMMs with fused epilogues (ops
-    `linear_gelu` and `linear_layer_norm` registered for triton, LayerNorm width within the epilogue's limit).
-    Reads the op registry only: no GPU, no kernel compiled."""
+    `linear_gelu` and `linear_layer_norm` registered for triton, LayerNorm width within the epilogue's limit, and,
+    when `tokens` is given, at most kernels/matmul.py's FUSED_MAX_ROWS rows: above, the ops run cuBLAS GEMMs and
+    the epilogue as its own kernel, as measured faster). Reads the op registry only: no GPU, no kernel compiled."""
     from ..ops.dispatch import implemented
     try:
-        from ..kernels.matmul import LN_MAX_WIDTH
+        from ..kernels.matmul import LN_MAX_WIDTH, use_fused_epilogue
     except ImportError:
         return False
+    rows_ok = tokens is None or use_fused_epilogue(tokens, hidden, hidden, "layer_norm")
     return (implemented("linear_gelu", "triton") and implemented("linear_layer_norm", "triton")
-            and hidden <= LN_MAX_WIDTH)
+            and hidden <= LN_MAX_WIDTH and rows_ok)
 
 
 def _tag(stage: str, module: str, costs) -> list[tuple[str, str, Cost]]:
@@ -214,7 +216,7 @@ def layer_plan(hidden: int, heads: int, intermediate: int, seqlens, elem_bytes: 
     """
     src = source or KernelCosts()
     if fused is None:
-        fused = fused_epilogues_available(hidden)
+        fused = fused_epilogues_available(hidden, sum(int(n) for n in seqlens))
     seqlens = [int(n) for n in seqlens]
     T, d, f, H = sum(seqlens), hidden, intermediate, heads
     D, eb, bw = d // H, elem_bytes, training
@@ -720,7 +722,7 @@ def model_perf(workload: str = "A", *, gpu: str | GPU = "h100", dtype: str = "bf
         ids, mask = inputs
     seqlens = [int(n) for n in mask.sum(1).tolist()]
     if fused is None:
-        fused = fused_epilogues_available(cfg.hidden_size)
+        fused = fused_epilogues_available(cfg.hidden_size, sum(seqlens))
     arch = 80 if "A100" in g.name else 90
     comp = None
     if compile_report is not None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .checks import check_float, check_same, check_shape
-from .dispatch import lookup, register
+from . import amp
+from .checks import check_cu_seqlens, check_float, check_same, check_shape
+from .dispatch import kernel_module, lookup, register
+from .eager import fast
 
 
 def attention(q, k, v, attention_mask=None, *, dropout_p: float = 0.0, softmax_scale=None):
@@ -26,6 +28,10 @@ def attention(q, k, v, attention_mask=None, *, dropout_p: float = 0.0, softmax_s
     """
     for n, t in (("q", q), ("k", k), ("v", v)):
         check_float(n, t)
+    dt = amp.autocast_dtype(q.device)
+    if dt is not None:  # autocast: q, k, v in its dtype (as scaled_dot_product_attention), the op without it
+        with amp.disabled(q.device):
+            return attention(*amp.cast(dt, q, k, v), attention_mask, dropout_p=dropout_p, softmax_scale=softmax_scale)
     check_same("q, k, v", q, k, v)
     check_shape("q", q, (None, None, None, None))
     check_shape("k", k, tuple(q.shape))
@@ -43,22 +49,25 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, dropout_p: float =
     Args:
         q, k, v: (T, H, D) real tokens of B sequences laid end to end.
         cu_seqlens: (B+1,) int32 or int64 prefix sums of the lengths; cu_seqlens[0] = 0, cu_seqlens[-1] = T.
-        max_seqlen: the longest length, a Python int (used for grid sizes; computed once per batch).
+        max_seqlen: the longest length, a Python int (used for grid sizes; computed once per batch); an upper
+            bound <= T is allowed. Both are checked (ValueError) for CPU tensors; on CUDA they are trusted, as
+            checking would cost a host sync per call.
         dropout_p, softmax_scale: as in :func:`attention`.
     Returns:
         (T, H, D).
     """
     for n, t in (("q", q), ("k", k), ("v", v)):
         check_float(n, t)
+    dt = amp.autocast_dtype(q.device)
+    if dt is not None:  # autocast: q, k, v in its dtype (as scaled_dot_product_attention), the op without it
+        with amp.disabled(q.device):
+            return varlen_attention(*amp.cast(dt, q, k, v), cu_seqlens, max_seqlen, dropout_p=dropout_p,
+                                    softmax_scale=softmax_scale)
     check_same("q, k, v", q, k, v)
     check_shape("q", q, (None, None, None))
     check_shape("k", k, tuple(q.shape))
     check_shape("v", v, tuple(q.shape))
-    check_shape("cu_seqlens", cu_seqlens, (None,))
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    max_seqlen = check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device)  # values: CPU tensors only
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return lookup("varlen_attention", q.device)(q, k, v, cu_seqlens, int(max_seqlen), dropout_p=dropout_p,
@@ -87,15 +96,16 @@ from typing import Optional  # noqa: E402
 
 from torch import Tensor  # noqa: E402
 
+from .rng import dropout_seed  # noqa: E402
+
 _TRITON_HEAD_DIMS = (16, 32, 64, 128)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned: set = set()
 
 
-def attention_dropout_seed(device) -> Tensor:
-    """The (1,) int64 Philox seed of one attention call, drawn from torch's default (CPU) generator, so
-    torch.manual_seed fixes it on any device; a tensor input to the op, so torch.compile traces it."""
-    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).to(device, non_blocking=True)
+# One seed policy for every op (ops/rng.py): drawn on the tensor's device, no host round trip. The old name stays
+# for the tests and the GPU harness that import it.
+attention_dropout_seed = dropout_seed
 
 
 def _lse_shape(q: Tensor, cu_seqlens: Optional[Tensor]) -> tuple:
@@ -107,7 +117,7 @@ def _attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], cu
                  seed: Optional[Tensor], max_seqlen: int, dropout_p: float,
                  softmax_scale: float) -> tuple[Tensor, Tensor]:
     """(o, lse): o contiguous in q's shape; lse fp32 (B, H, L) or (H, T), log2 units (see kernels/attention.py)."""
-    from ..kernels import attention as K
+    K = kernel_module("attention")
     return K.attention_fwd(q, k, v, key_mask, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale)
 
 
@@ -121,7 +131,7 @@ def _attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Te
                  cu_seqlens: Optional[Tensor], seed: Optional[Tensor], max_seqlen: int, dropout_p: float,
                  softmax_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous in q's shape; the dropout mask is regenerated from `seed`."""
-    from ..kernels import attention as K
+    K = kernel_module("attention")
     return K.attention_bwd(do, q, k, v, o, lse, key_mask, cu_seqlens, seed, max_seqlen, dropout_p, softmax_scale)
 
 
@@ -139,11 +149,13 @@ def _attn_setup(ctx, inputs, output):
 
 def _attn_backward(ctx, do, _dlse):
     q, k, v, o, lse, key_mask, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = _attn_bwd_op(do, q, k, v, o, lse, key_mask, cu_seqlens, seed, ctx.max_seqlen, ctx.p, ctx.scale)
+    dq, dk, dv = _attn_bwd(do, q, k, v, o, lse, key_mask, cu_seqlens, seed, ctx.max_seqlen, ctx.p, ctx.scale)
     return dq, dk, dv, None, None, None, None, None, None
 
 
 _attn_fwd_op.register_autograd(_attn_backward, setup_context=_attn_setup)
+_attn_fwd = fast(_attn_fwd_op, _attn_setup, _attn_backward)  # eager fast path (ops/eager.py)
+_attn_bwd = fast(_attn_bwd_op)
 
 
 def _triton_supported(q: Tensor) -> bool:
@@ -164,8 +176,8 @@ def _attention_triton(q, k, v, attention_mask, *, dropout_p, softmax_scale):
         return _attention_torch(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     key_mask = None if attention_mask is None else (attention_mask != 0).to(torch.int8)  # (B, L)
-    seed = attention_dropout_seed(q.device) if dropout_p > 0 else None
-    return _attn_fwd_op(q, k, v, key_mask, None, seed, q.shape[2], float(dropout_p), scale)[0]
+    seed = dropout_seed(q.device) if dropout_p > 0 else None
+    return _attn_fwd(q, k, v, key_mask, None, seed, q.shape[2], float(dropout_p), scale)[0]
 
 
 @register("varlen_attention", "triton")
@@ -173,6 +185,6 @@ def _varlen_triton(q, k, v, cu_seqlens, max_seqlen, *, dropout_p, softmax_scale)
     if not _triton_supported(q):
         return _varlen_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    seed = attention_dropout_seed(q.device) if dropout_p > 0 else None
-    return _attn_fwd_op(q, k, v, None, cu_seqlens.to(torch.int32), seed, int(max_seqlen), float(dropout_p),
+    seed = dropout_seed(q.device) if dropout_p > 0 else None
+    return _attn_fwd(q, k, v, None, cu_seqlens.to(torch.int32), seed, int(max_seqlen), float(dropout_p),
                         scale)[0]

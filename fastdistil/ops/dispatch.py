@@ -6,6 +6,7 @@ first time that backend is resolved. An op with no implementation for the resolv
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 from ..backend import resolve
@@ -43,3 +44,10 @@ def implemented(op: str, backend: str) -> bool:
     """Whether `op` has its own implementation under `backend` (otherwise it falls back to torch)."""
     _load(backend)
     return (op, backend) in _IMPLS
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_module(name: str):
+    """fastdistil.kernels.<name>, imported on first use (never at import: it imports triton) and then a dict hit,
+    not an import statement per op call."""
+    return importlib.import_module(f"fastdistil.kernels.{name}")

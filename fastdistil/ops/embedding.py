@@ -5,7 +5,8 @@ import torch
 
 from .. import reference
 from .checks import check_float
-from .dispatch import lookup, register
+from .dispatch import kernel_module, lookup, register
+from .eager import fast
 
 
 def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
@@ -47,7 +48,11 @@ class _NoGradRow(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.index_fill(0, torch.tensor([ctx.row], device=grad.device), 0), None
+        # a copy with one row zeroed in place: no index tensor built from a Python int (that was a host-to-device
+        # copy, a sync, every step)
+        out = grad.clone()
+        out.select(0, ctx.row).zero_()
+        return out, None
 
 
 # ------------------------------------------------------------------------------------------------ triton
@@ -62,7 +67,7 @@ from .layer_norm import needs_grad  # noqa: E402
 def _embed_fwd_op(ids: Tensor, tt: Tensor, pos: Tensor, word: Tensor, type_w: Tensor, pos_w: Tensor, ln_w: Tensor,
                   ln_b: Tensor, eps: float, save: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(y (T, N), mean, rstd) for (T,) ids; statistics are empty unless `save`."""
-    from ..kernels import embedding as K
+    K = kernel_module("embedding")
     return K.embed_fwd(ids, tt, pos, word, type_w, pos_w, ln_w, ln_b, eps, store_stats=save)
 
 
@@ -77,7 +82,7 @@ def _(ids, tt, pos, word, type_w, pos_w, ln_w, ln_b, eps, save):
 def _embed_bwd_op(dy: Tensor, ids: Tensor, tt: Tensor, pos: Tensor, word: Tensor, type_w: Tensor, pos_w: Tensor,
                   ln_w: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dword, dtype, dposition, dln_w, dln_b)."""
-    from ..kernels import embedding as K
+    K = kernel_module("embedding")
     return K.embed_bwd(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd)
 
 
@@ -94,11 +99,13 @@ def _embed_setup(ctx, inputs, output):
 
 def _embed_backward(ctx, dy, _dmean, _drstd):
     ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd = ctx.saved_tensors
-    dword, dtype, dpos, dw, db = _embed_bwd_op(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd)
+    dword, dtype, dpos, dw, db = _embed_bwd(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd)
     return None, None, None, dword, dtype, dpos, dw, db, None, None
 
 
 _embed_fwd_op.register_autograd(_embed_backward, setup_context=_embed_setup)
+_embed_fwd = fast(_embed_fwd_op, _embed_setup, _embed_backward)  # eager fast path (ops/eager.py)
+_embed_bwd = fast(_embed_bwd_op)
 
 
 @register("embed_layer_norm", "triton")
@@ -109,7 +116,7 @@ def _embed_triton(input_ids, token_type_ids, position_ids, word_weight, position
                             ln_weight, ln_bias, eps)
     shape = input_ids.shape
     save = needs_grad(word_weight, position_weight, type_weight, ln_weight, ln_bias)
-    y = _embed_fwd_op(input_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(),
+    y = _embed_fwd(input_ids.reshape(-1).contiguous(), token_type_ids.reshape(-1).contiguous(),
                       position_ids.reshape(-1).contiguous(), word_weight.contiguous(), type_weight.contiguous(),
                       position_weight.contiguous(), ln_weight, ln_bias, float(eps), save)[0]
     return y.view(*shape, word_weight.shape[1])

@@ -13,13 +13,24 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..backend import resolve
+from . import amp
 from .dispatch import implemented, lookup
 from .gelu import bias_gelu
 from .layer_norm import layer_norm
 
 
 def linear_gelu(x, weight, bias, *, approximate: str = "none"):
-    """GELU(x @ weight.T + bias). x (..., K), weight (N, K), bias (N,) -> (..., N)."""
+    """GELU(x @ weight.T + bias). x (..., K), weight (N, K), bias (N,) -> (..., N).
+    Under torch.autocast x, weight and bias are cast to the autocast dtype first (ops/amp.py)."""
+    dt = amp.autocast_dtype(x.device)
+    if dt is not None:
+        x, weight, bias = amp.cast(dt, x, weight, bias)
+        with amp.disabled(x.device):
+            return _linear_gelu(x, weight, bias, approximate)
+    return _linear_gelu(x, weight, bias, approximate)
+
+
+def _linear_gelu(x, weight, bias, approximate):
     backend = resolve(x.device)
     if implemented("linear_gelu", backend):
         return lookup("linear_gelu", x.device)(x, weight, bias, approximate=approximate)
@@ -30,7 +41,18 @@ def linear_gelu(x, weight, bias, *, approximate: str = "none"):
 
 def linear_layer_norm(x, weight, bias, residual, ln_weight, ln_bias, eps: float = 1e-12, *,
                       dropout_p: float = 0.0):
-    """LayerNorm(dropout(x @ weight.T + bias) + residual). x (..., K), weight (N, K), residual (..., N)."""
+    """LayerNorm(dropout(x @ weight.T + bias) + residual). x (..., K), weight (N, K), residual (..., N).
+    Under torch.autocast the GEMM runs in the autocast dtype (x, weight, bias cast), the LayerNorm in fp32, and
+    the output has the promoted dtype of the GEMM's and the residual's (ops/amp.py)."""
+    dt = amp.autocast_dtype(x.device)
+    if dt is not None:
+        x, weight, bias = amp.cast(dt, x, weight, bias)
+        with amp.disabled(x.device):
+            return _linear_layer_norm(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p)
+    return _linear_layer_norm(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p)
+
+
+def _linear_layer_norm(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p):
     backend = resolve(x.device)
     if implemented("linear_layer_norm", backend):
         return lookup("linear_layer_norm", x.device)(x, weight, bias, residual, ln_weight, ln_bias, eps,

@@ -16,7 +16,9 @@ from torch import Tensor
 
 from .. import reference
 from .checks import check_float
-from .dispatch import lookup, register
+from . import amp
+from .dispatch import kernel_module, lookup, register
+from .eager import fast
 
 
 def kd_kl_rows(student_logits, teacher_logits, temperature: float, row_mask=None):
@@ -56,7 +58,8 @@ def kd_kl_rows(student_logits, teacher_logits, temperature: float, row_mask=None
     s = student_logits.reshape(-1, V)
     t = teacher_logits.detach().to(s.dtype).reshape(-1, V)
     m = None if row_mask is None else row_mask.reshape(-1)
-    out = lookup("kd_kl", s.device)(s, t, float(temperature), m)
+    with amp.region(s.device):  # autocast off inside: fp32 statistics on every backend (ops/amp.py)
+        out = lookup("kd_kl", s.device)(s, t, float(temperature), m)
     return out.reshape(lead)
 
 
@@ -70,7 +73,7 @@ def _kd_kl_torch(student, teacher, temperature, row_mask):
 def _kd_fwd_op(student: Tensor, teacher: Tensor, temperature: float,
                row_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(kl, lse_s, lse_t), each (N,) fp32, for 2-D logits with a contiguous class dim."""
-    from ..kernels import kd as K
+    K = kernel_module("kd")
     return K.kd_forward(student, teacher, temperature, row_mask)
 
 
@@ -84,7 +87,7 @@ def _(student, teacher, temperature, row_mask):
 def _kd_bwd_op(grad: Tensor, student: Tensor, teacher: Tensor, lse_s: Tensor, lse_t: Tensor, temperature: float,
                row_mask: Optional[Tensor]) -> Tensor:
     """Gradient w.r.t. the student logits, (N, V) in their dtype."""
-    from ..kernels import kd as K
+    K = kernel_module("kd")
     return K.kd_backward(grad, student, teacher, lse_s, lse_t, temperature, row_mask)
 
 
@@ -107,11 +110,13 @@ def _kd_setup(ctx, inputs, output):
 def _kd_backward(ctx, grad, _g_lse_s, _g_lse_t):
     student, teacher, lse_s, lse_t, row_mask = ctx.saved_tensors
     teacher = ctx.teacher if teacher is None else teacher
-    ds = _kd_bwd_op(grad, student, teacher, lse_s, lse_t, ctx.temperature, row_mask)
+    ds = _kd_bwd(grad, student, teacher, lse_s, lse_t, ctx.temperature, row_mask)
     return ds, None, None, None
 
 
 _kd_fwd_op.register_autograd(_kd_backward, setup_context=_kd_setup)
+_kd_fwd = fast(_kd_fwd_op, _kd_setup, _kd_backward)  # eager fast path (ops/eager.py)
+_kd_bwd = fast(_kd_bwd_op)
 
 
 def _contig_rows(x):
@@ -123,7 +128,7 @@ def _kd_kl_triton(student, teacher, temperature, row_mask):
     if student.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
         return _kd_kl_torch(student, teacher, temperature, row_mask)
     m = None if row_mask is None else (row_mask != 0).to(torch.int8)
-    return _kd_fwd_op(_contig_rows(student), _contig_rows(teacher), temperature, m)[0]
+    return _kd_fwd(_contig_rows(student), _contig_rows(teacher), temperature, m)[0]
 
 
 # ------------------------------------------------------------------------------------------------ native (CPU)

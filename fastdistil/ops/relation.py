@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .checks import check_float, check_same
-from .dispatch import lookup, register
+from .checks import check_cu_seqlens, check_float, check_same
+from . import amp
+from .dispatch import kernel_module, lookup, register
+from .eager import fast
 
 
 def _heads(x, lead: int, r: int, name: str):
@@ -87,11 +89,7 @@ def relation_kl_rows(a_s, b_s, a_t, b_t, *, num_relation_heads: int, cu_seqlens=
             raise ValueError("pass either cu_seqlens (packed inputs) or attention_mask (padded inputs), not both")
         if max_seqlen is None:
             raise ValueError("max_seqlen is required with cu_seqlens")
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be a 1-D int32/int64 tensor, got {cu_seqlens.dtype} "
-                            f"{tuple(cu_seqlens.shape)}")
-        if cu_seqlens.device != a_s.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {a_s.device}")
+        max_seqlen = check_cu_seqlens(cu_seqlens, a_s.shape[0], max_seqlen, a_s.device)  # values: CPU only
     elif attention_mask is not None:
         if tuple(attention_mask.shape) != tuple(a_s.shape[:2]):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
@@ -102,8 +100,9 @@ def relation_kl_rows(a_s, b_s, a_t, b_t, *, num_relation_heads: int, cu_seqlens=
     xt = [_heads(x.detach().to(a_s.dtype), lead, r, n) for n, x in (("a_t", a_t), ("b_t", b_t))]
     c_s = 1.0 / math.sqrt(xs[0].shape[-1]) if scale_s is None else float(scale_s)
     c_t = 1.0 / math.sqrt(xt[0].shape[-1]) if scale_t is None else float(scale_t)
-    return lookup("relation_kl", a_s.device)(xs[0], xs[1], xt[0], xt[1], c_s, c_t, cu_seqlens,
-                                             None if max_seqlen is None else int(max_seqlen), attention_mask)
+    with amp.region(a_s.device):  # autocast off inside: fp32 statistics on every backend (ops/amp.py)
+        return lookup("relation_kl", a_s.device)(xs[0], xs[1], xt[0], xt[1], c_s, c_t, cu_seqlens,
+                                                 None if max_seqlen is None else int(max_seqlen), attention_mask)
 
 
 @register("relation_kl", "torch")
@@ -116,7 +115,7 @@ def _relation_torch(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen
 def _rel_fwd_op(a_s: Tensor, b_s: Tensor, a_t: Tensor, b_t: Tensor, scale_s: float, scale_t: float,
                 cu_seqlens: Optional[Tensor], max_seqlen: int, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(kl, lse_t, lse_s), each (R, N) fp32; inputs (T, R, D) with cu_seqlens or (B, L, R, D)."""
-    from ..kernels import relation as K
+    K = kernel_module("relation")
     return K.relation_forward(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask)
 
 
@@ -134,7 +133,7 @@ def _rel_bwd_op(grad: Tensor, a_s: Tensor, b_s: Tensor, a_t: Tensor, b_t: Tensor
                 scale_s: float, scale_t: float, cu_seqlens: Optional[Tensor], max_seqlen: int,
                 mask: Optional[Tensor], need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
     """(d_a_s, d_b_s) in the student's dtype; a gradient not asked for is an empty tensor."""
-    from ..kernels import relation as K
+    K = kernel_module("relation")
     da, db = K.relation_backward(grad, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s, scale_t, cu_seqlens, max_seqlen,
                                  mask, need_a, need_b)
     return (da if need_a else a_s.new_empty(0)), (db if need_b else b_s.new_empty(0))
@@ -165,12 +164,14 @@ def _rel_backward(ctx, grad, _g_lse_t, _g_lse_s):
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_a or need_b):
         return (None,) * 9
-    da, db = _rel_bwd_op(grad, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s, scale_t, cu_seqlens, max_seqlen, mask,
+    da, db = _rel_bwd(grad, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s, scale_t, cu_seqlens, max_seqlen, mask,
                          need_a, need_b)
     return (da if need_a else None), (db if need_b else None), None, None, None, None, None, None, None
 
 
 _rel_fwd_op.register_autograd(_rel_backward, setup_context=_rel_setup)
+_rel_fwd = fast(_rel_fwd_op, _rel_setup, _rel_backward)  # eager fast path (ops/eager.py)
+_rel_bwd = fast(_rel_bwd_op)
 
 
 @register("relation_kl", "triton")
@@ -185,7 +186,7 @@ def _relation_triton(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqle
     cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32)
     m = None if mask is None else (mask != 0).to(torch.int8).contiguous()
     L = int(max_seqlen) if cu is not None else a_s.shape[1]
-    return _rel_fwd_op(a_s, b_s, a_t, b_t, scale_s, scale_t, cu, L, m)[0]
+    return _rel_fwd(a_s, b_s, a_t, b_t, scale_s, scale_t, cu, L, m)[0]
 
 
 # ------------------------------------------------------------------------------------------------ native (CPU)

@@ -1,0 +1,16 @@
+"""One dropout-seed policy for every op (layer_norm, linear_layer_norm, attention; native keeps its own on CPU).
+
+A seed is a (1,) int64 tensor drawn with ``torch.randint`` on the tensor's own device, from that device's default
+generator: no host round trip (no pageable copy, no sync), valid under CUDA-graph capture (the CUDA generator
+advances its graph-safe Philox offset), traced by torch.compile as a tensor input, and reproducible with
+``torch.manual_seed`` (which seeds every device's generator). The kernels derive every dropout decision from it
+with counter-based Philox, so the backward regenerates the forward's mask from the saved seed tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def dropout_seed(device) -> torch.Tensor:
+    """A (1,) int64 Philox seed drawn from torch's generator on `device`."""
+    return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
