@@ -17,7 +17,7 @@ def _triton():
     fastdistil.set_backend("triton")
 
 
-def _case(tokens, width, vocab=13, n_pos=9, n_types=2, seed=0):
+def _case(tokens, width, vocab=13, n_pos=9, n_types=2, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (tokens,), generator=g)  # few ids: heavy repetition
     tt = torch.randint(0, n_types, (tokens,), generator=g)
@@ -25,14 +25,14 @@ def _case(tokens, width, vocab=13, n_pos=9, n_types=2, seed=0):
     tabs = [torch.randn(vocab, width, generator=g), torch.randn(n_pos, width, generator=g),
             torch.randn(n_types, width, generator=g), 1 + 0.3 * torch.randn(width, generator=g),
             0.3 * torch.randn(width, generator=g)]
-    return (ids, tt, pos), tabs
+    return tuple(t.to(device) for t in (ids, tt, pos)), [t.to(device) for t in tabs]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens,width,n_types", [(1, 250, 2), (7, 384, 2), (129, 768, 3), (40, 64, 20)])
-def test_embed_layer_norm(dtype, tokens, width, n_types):
-    idx, tabs = _case(tokens, width, n_types=n_types)
-    dy = torch.randn(tokens, width)
+def test_embed_layer_norm(dtype, tokens, width, n_types, device):
+    idx, tabs = _case(tokens, width, n_types=n_types, device=device)
+    dy = torch.randn(tokens, width).to(device)
     ours = leaves(tabs, dtype)
     with poisoned():
         y = ops.embed_layer_norm(*idx, *ours, EPS)
@@ -47,14 +47,14 @@ def test_embed_layer_norm(dtype, tokens, width, n_types):
     assert_close("y", y, y64, yl, dtype)
     for name, a, a64, al in zip(("dword", "dposition", "dtype", "dln_w", "dln_b"), g, g64, gl):
         assert_close(name, a, a64, al, dtype)
-    untouched = torch.ones(tabs[0].shape[0], dtype=torch.bool)
+    untouched = torch.ones(tabs[0].shape[0], dtype=torch.bool, device=device)
     untouched[idx[0]] = False
     assert (g[0][untouched] == 0).all()  # rows no token used get exactly zero
 
 
-def test_repeated_ids_scatter_is_deterministic():
-    idx, tabs = _case(65, 256, vocab=5, n_pos=3)
-    dy = torch.randn(65, 256)
+def test_repeated_ids_scatter_is_deterministic(device):
+    idx, tabs = _case(65, 256, vocab=5, n_pos=3, device=device)
+    dy = torch.randn(65, 256).to(device)
     runs = []
     for _ in range(2):
         t = leaves(tabs, torch.float32)
@@ -63,8 +63,8 @@ def test_repeated_ids_scatter_is_deterministic():
         assert torch.equal(a, b)  # bitwise: fixed summation order, no atomics
 
 
-def test_padding_idx_gets_no_gradient_and_2d_ids():
-    idx, tabs = _case(12, 64)
+def test_padding_idx_gets_no_gradient_and_2d_ids(device):
+    idx, tabs = _case(12, 64, device=device)
     ids = idx[0].clone()
     ids[:3] = 0
     t = leaves(tabs, torch.float32)

@@ -19,9 +19,9 @@ def _triton():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,width", [(1, 250), (7, 384), (129, 1536), (3, 1)])
-def test_bias_gelu(dtype, rows, width):
-    src = [2 * torch.randn(rows, width), torch.randn(width)]
-    dy = torch.randn(rows, width)
+def test_bias_gelu(dtype, rows, width, device):
+    src = [(2 * torch.randn(rows, width)).to(device), torch.randn(width).to(device)]
+    dy = torch.randn(rows, width).to(device)
     for approximate in ("none", "tanh"):
         ours = leaves(src, dtype)
         with poisoned():
@@ -39,8 +39,8 @@ def test_bias_gelu(dtype, rows, width):
         assert_close(f"dbias {approximate}", g[1], g64[1], gl[1], dtype)
 
 
-def test_exact_erf_is_never_replaced_by_tanh():
-    x, b = torch.linspace(-4, 4, 512).reshape(2, 256), torch.zeros(256)
+def test_exact_erf_is_never_replaced_by_tanh(device):
+    x, b = torch.linspace(-4, 4, 512, device=device).reshape(2, 256), torch.zeros(256, device=device)
     exact = reference.gelu(x.double())
     tanh = reference.gelu(x.double(), "tanh")
     assert (exact - tanh).abs().max() > 1e-4  # the two forms are distinguishable at fp32
@@ -51,8 +51,8 @@ def test_exact_erf_is_never_replaced_by_tanh():
         ops.bias_gelu(x, b, approximate="sigmoid")
 
 
-def test_bias_gelu_3d_input():
-    x, b = torch.randn(2, 5, 64), torch.randn(64)
+def test_bias_gelu_3d_input(device):
+    x, b = torch.randn(2, 5, 64).to(device), torch.randn(64).to(device)
     with poisoned():
         h = ops.bias_gelu(x, b)
     assert h.shape == (2, 5, 64)
@@ -61,9 +61,9 @@ def test_bias_gelu_3d_input():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,k,width", [(1, 32, 250), (7, 64, 384), (129, 96, 200)])
-def test_linear_gelu(dtype, rows, k, width):
-    src = [torch.randn(rows, k), torch.randn(width, k) / k ** 0.5, torch.randn(width)]
-    dy = torch.randn(rows, width)
+def test_linear_gelu(dtype, rows, k, width, device):
+    src = [t.to(device) for t in (torch.randn(rows, k), torch.randn(width, k) / k ** 0.5, torch.randn(width))]
+    dy = torch.randn(rows, width).to(device)
     ours = leaves(src, dtype)
     with poisoned():
         h = ops.linear_gelu(*ours)
@@ -80,8 +80,8 @@ def test_linear_gelu(dtype, rows, k, width):
         assert_close(name, a, a64, al, dtype)
 
 
-def test_linear_gelu_inference_stores_no_pre_activation():
-    x, W, b = torch.randn(5, 16), torch.randn(32, 16), torch.randn(32)
+def test_linear_gelu_inference_stores_no_pre_activation(device):
+    x, W, b = (t.to(device) for t in (torch.randn(5, 16), torch.randn(32, 16), torch.randn(32)))
     with torch.no_grad():
         h, pre = torch.ops.fastdistil.linear_gelu_fwd(x, W, b, "none", False)
     assert pre.numel() == 0 and h.shape == (5, 32)

@@ -37,10 +37,10 @@ def _ours(s, t, temperature, mask=None, g=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,temperature", [((1, 1), 1.0), ((7, 13), 2.0), ((3, 1025), 0.5), ((2, 4097), 4.0)])
-def test_kd_matches_float64(dtype, shape, temperature):
-    s = (torch.randn(shape) * 4).to(dtype)
-    t = (torch.randn(shape) * 4).to(dtype)
-    g = torch.randn(shape[0])
+def test_kd_matches_float64(dtype, shape, temperature, device):
+    s = (torch.randn(shape) * 4).to(device, dtype)
+    t = (torch.randn(shape) * 4).to(device, dtype)
+    g = torch.randn(shape[0]).to(device)
     kl, ds = _ours(s, t, temperature, g=g)
     kl64, ds64 = _ref(s, t, temperature, g=g)
     atol, rtol = TOL[dtype]
@@ -49,12 +49,12 @@ def test_kd_matches_float64(dtype, shape, temperature):
     torch.testing.assert_close(ds.double(), ds64, atol=rtol * ds64.abs().max().item() + 1e-7, rtol=rtol)
 
 
-def test_kd_vocab_30522_with_mask_and_3d_rows():
+def test_kd_vocab_30522_with_mask_and_3d_rows(device):
     """An MLM head: (B, L, V) bf16 logits with padded positions; masked rows give 0 and a zero gradient."""
     B, L, V = 2, 3, 30522
-    s = (torch.randn(B, L, V) * 3).bfloat16()
-    t = (torch.randn(B, L, V) * 3).bfloat16()
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    s = (torch.randn(B, L, V) * 3).to(device, torch.bfloat16)
+    t = (torch.randn(B, L, V) * 3).to(device, torch.bfloat16)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool, device=device)
     kl, ds = _ours(s, t, 2.0, mask)
     kl64, ds64 = _ref(s.reshape(-1, V), t.reshape(-1, V), 2.0, mask.reshape(-1))
     torch.testing.assert_close(kl.reshape(-1).double(), kl64, atol=2e-5, rtol=1e-5)
@@ -62,24 +62,24 @@ def test_kd_vocab_30522_with_mask_and_3d_rows():
     assert (kl[~mask] == 0).all() and (ds[~mask] == 0).all()
 
 
-def test_kd_identical_and_strided_inputs():
+def test_kd_identical_and_strided_inputs(device):
     """KL of a distribution with itself is 0; non-contiguous row strides (a slice of wider logits) work."""
-    wide = torch.randn(5, 40)
+    wide = torch.randn(5, 40).to(device)
     s = wide[:, :33]  # row stride 40
     kl, _ = _ours(s, s.clone(), 1.5)
     assert kl.abs().max() < 1e-5
-    t = torch.randn(5, 40)[:, 7:]
+    t = torch.randn(5, 40).to(device)[:, 7:]
     kl, ds = _ours(s, t, 1.5)
     kl64, ds64 = _ref(s, t, 1.5)
     torch.testing.assert_close(kl.double(), kl64, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ds.double(), ds64, atol=1e-7, rtol=1e-5)
 
 
-def test_kd_writes_every_output(monkeypatch):
+def test_kd_writes_every_output(monkeypatch, device):
     from fastdistil.kernels import kd as K
     monkeypatch.setattr(K, "torch", PoisonedTorch())
-    s, t = torch.randn(6, 200), torch.randn(6, 200)
-    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    s, t = torch.randn(6, 200).to(device), torch.randn(6, 200).to(device)
+    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool, device=device)
     kl, ds = _ours(s, t, 2.0, mask)
     assert torch.isfinite(kl).all() and torch.isfinite(ds).all()
     kl64, ds64 = _ref(s, t, 2.0, mask)
@@ -87,10 +87,10 @@ def test_kd_writes_every_output(monkeypatch):
     torch.testing.assert_close(ds.double(), ds64, atol=1e-7, rtol=1e-5)
 
 
-def test_kd_teacher_is_constant_and_inference_tensors_work():
-    s = torch.randn(4, 50, requires_grad=True)
+def test_kd_teacher_is_constant_and_inference_tensors_work(device):
+    s = torch.randn(4, 50).to(device).requires_grad_()
     with torch.inference_mode():
-        t_inf = torch.randn(4, 50)
+        t_inf = torch.randn(4, 50).to(device)
     t = t_inf.clone().requires_grad_()
     with fastdistil.use_backend("triton"):
         kd_kl_rows(s, t_inf, 2.0).sum().backward()  # inference-mode teacher: no copy, no error
@@ -101,8 +101,8 @@ def test_kd_teacher_is_constant_and_inference_tensors_work():
     torch.testing.assert_close(s.grad, g1)
 
 
-def test_kd_float64_runs_the_reference():
-    s, t = torch.randn(3, 9, dtype=torch.float64), torch.randn(3, 9, dtype=torch.float64)
+def test_kd_float64_runs_the_reference(device):
+    s, t = torch.randn(3, 9, dtype=torch.float64).to(device), torch.randn(3, 9, dtype=torch.float64).to(device)
     with fastdistil.use_backend("triton"):
         kl = kd_kl_rows(s, t, 1.0)
     assert kl.dtype == torch.float64
@@ -121,13 +121,13 @@ def test_kd_argument_errors():
         kd_kl_rows(s.long(), s.long(), 1.0)
 
 
-def test_kd_compiles_fullgraph():
-    s = torch.randn(4, 70, requires_grad=True)
-    t = torch.randn(4, 70)
+def test_kd_compiles_fullgraph(device):
+    s = torch.randn(4, 70).to(device).requires_grad_()
+    t = torch.randn(4, 70).to(device)
     with fastdistil.use_backend("triton"):
         f = torch.compile(lambda s, t: kd_kl_rows(s, t, 2.0).mean(), fullgraph=True, backend="eager")
         f(s, t).backward()
-    _, ds64 = _ref(s, t, 2.0, g=torch.full((4,), 0.25))
+    _, ds64 = _ref(s, t, 2.0, g=torch.full((4,), 0.25, device=device))
     torch.testing.assert_close(s.grad.double(), ds64, atol=1e-7, rtol=1e-5)
 
 
@@ -145,11 +145,12 @@ def test_kd_cost_and_specs_cover_launcher_choices():
     assert c[0].bytes >= 2 * 2 * 4096 * 30522 and c[1].bytes >= 3 * 2 * 4096 * 30522
 
 
-def test_kd_custom_op_registration():
+def test_kd_custom_op_registration(device):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT dispatch."""
     from fastdistil.ops import kd as op
-    s, t = torch.randn(4, 50, requires_grad=True), torch.randn(4, 50)
-    torch.library.opcheck(op._kd_fwd_op, (s, t, 2.0, torch.tensor([1, 0, 1, 1], dtype=torch.int8)))
+    s, t = torch.randn(4, 50).to(device).requires_grad_(), torch.randn(4, 50).to(device)
+    mask = torch.tensor([1, 0, 1, 1], dtype=torch.int8, device=device)
+    torch.library.opcheck(op._kd_fwd_op, (s, t, 2.0, mask))
 
 
 @pytest.mark.parametrize("backend", ["triton", "native", "torch"])

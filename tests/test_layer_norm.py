@@ -18,10 +18,11 @@ def _triton():
     fastdistil.set_backend("triton")
 
 
-def _inputs(rows, width, k=None):
+def _inputs(rows, width, k=None, device="cpu"):
     x = torch.randn(rows, k or width)
-    return dict(x=x, w=1 + 0.3 * torch.randn(width), b=0.3 * torch.randn(width), r=torch.randn(rows, width),
-                ib=0.3 * torch.randn(width))
+    d = dict(x=x, w=1 + 0.3 * torch.randn(width), b=0.3 * torch.randn(width), r=torch.randn(rows, width),
+             ib=0.3 * torch.randn(width))
+    return {n: t.to(device) for n, t in d.items()}  # drawn on the CPU: the same numbers on every device
 
 
 def _run_ln(t, fused, backend):
@@ -33,11 +34,11 @@ def _run_ln(t, fused, backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,width", [(1, 250), (7, 384), (129, 768), (5, 1)])
-def test_layer_norm(dtype, rows, width):
-    d = _inputs(rows, width)
+def test_layer_norm(dtype, rows, width, device):
+    d = _inputs(rows, width, device=device)
     for fused in (False, True):
         src = [d["x"], d["w"], d["b"], d["r"] if fused else None, d["ib"] if fused else None]
-        dy = torch.randn(rows, width)
+        dy = torch.randn(rows, width).to(device)
         ours = leaves(src, dtype)
         with poisoned():
             x, w, b, r, ib = ours
@@ -57,10 +58,10 @@ def test_layer_norm(dtype, rows, width):
                 assert_close(f"{name} fused={fused}", a, a64, al, dtype)
 
 
-def test_layer_norm_3d_and_strided_rows():
-    x = torch.randn(2, 3, 40)[:, :, :33]  # row stride 40, not contiguous
-    w, b = torch.randn(33), torch.randn(33)
-    r = torch.randn(2, 3, 33)
+def test_layer_norm_3d_and_strided_rows(device):
+    x = torch.randn(2, 3, 40).to(device)[:, :, :33]  # row stride 40, not contiguous
+    w, b = torch.randn(33).to(device), torch.randn(33).to(device)
+    r = torch.randn(2, 3, 33).to(device)
     with poisoned():
         y = ops.layer_norm(x, w, b, 1e-5, r)
     y64 = reference.layer_norm(x.double(), w.double(), b.double(), 1e-5, r.double())
@@ -73,16 +74,16 @@ def _dropout_ref(x, w, b, r, ib, keep, p):
 
 
 @pytest.mark.parametrize("rows,width,p", [(7, 250, 0.1), (33, 384, 0.5)])
-def test_dropout_matches_reference_with_regenerated_mask(rows, width, p):
-    d = _inputs(rows, width)
-    seed = torch.tensor([1234567], dtype=torch.int64)
+def test_dropout_matches_reference_with_regenerated_mask(rows, width, p, device):
+    d = _inputs(rows, width, device=device)
+    seed = torch.tensor([1234567], dtype=torch.int64, device=device)
     keep = K.dropout_keep_mask(seed, rows, width, p)
     assert abs(keep.float().mean().item() - (1 - p)) < 0.05
     src = [d["x"], d["w"], d["b"], d["r"], d["ib"]]
     ours = leaves(src, torch.float32)
     with poisoned():
         y = torch.ops.fastdistil.layer_norm_fwd(ours[0], ours[1], ours[2], EPS, ours[3], ours[4], p, seed, True)[0]
-    dy = torch.randn(rows, width)
+    dy = torch.randn(rows, width).to(device)
     g = grads(y, ours, dy)
     ref = leaves(src, torch.float64)
     y64 = _dropout_ref(*ref, keep, p)
@@ -93,8 +94,8 @@ def test_dropout_matches_reference_with_regenerated_mask(rows, width, p):
     assert (g[0][~keep] == 0).all()  # dropped elements get no gradient: the backward regenerated the mask
 
 
-def test_dropout_determinism():
-    d = _inputs(9, 384)
+def test_dropout_determinism(device):
+    d = _inputs(9, 384, device=device)
     args = (d["x"], d["w"], d["b"], EPS, d["r"])
 
     def run(seed):
@@ -106,15 +107,15 @@ def test_dropout_determinism():
     assert not torch.equal(a, c)
     no_drop = ops.layer_norm(*args, input_bias=d["ib"], dropout_p=0.0)
     assert not torch.equal(a, no_drop)
-    s = torch.tensor([7], dtype=torch.int64)
+    s = torch.tensor([7], dtype=torch.int64, device=device)
     m1, m2 = K.dropout_keep_mask(s, 9, 384, 0.1), K.dropout_keep_mask(s, 9, 384, 0.1)
     assert torch.equal(m1, m2)
 
 
-def test_weight_grads_are_deterministic():
-    d = _inputs(129, 384)
+def test_weight_grads_are_deterministic(device):
+    d = _inputs(129, 384, device=device)
     src = [d["x"], d["w"], d["b"], d["r"], d["ib"]]
-    dy = torch.randn(129, 384)
+    dy = torch.randn(129, 384).to(device)
     runs = []
     for _ in range(2):
         t = leaves(src, torch.float32)
@@ -127,11 +128,11 @@ def test_weight_grads_are_deterministic():
 # ---------------------------------------------------------------------------- GEMM + LayerNorm epilogue
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,k,width", [(1, 32, 250), (7, 64, 384), (129, 96, 384)])
-def test_linear_layer_norm(dtype, rows, k, width):
-    d = _inputs(rows, width, k)
-    W = torch.randn(width, k) / k ** 0.5
+def test_linear_layer_norm(dtype, rows, k, width, device):
+    d = _inputs(rows, width, k, device)
+    W = (torch.randn(width, k) / k ** 0.5).to(device)
     src = [d["x"], W, d["ib"], d["r"], d["w"], d["b"]]
-    dy = torch.randn(rows, width)
+    dy = torch.randn(rows, width).to(device)
     ours = leaves(src, dtype)
     with poisoned():
         y = ops.linear_layer_norm(*ours, EPS)
@@ -148,16 +149,16 @@ def test_linear_layer_norm(dtype, rows, k, width):
         assert_close(name, a, a64, al, dtype)
 
 
-def test_linear_layer_norm_dropout():
+def test_linear_layer_norm_dropout(device):
     rows, k, width, p = 19, 48, 384, 0.2
-    d = _inputs(rows, width, k)
-    W = torch.randn(width, k) / k ** 0.5
+    d = _inputs(rows, width, k, device)
+    W = (torch.randn(width, k) / k ** 0.5).to(device)
     src = [d["x"], W, d["ib"], d["r"], d["w"], d["b"]]
-    seed = torch.tensor([99], dtype=torch.int64)
+    seed = torch.tensor([99], dtype=torch.int64, device=device)
     t = leaves(src, torch.float32)
     with poisoned():
         y = torch.ops.fastdistil.linear_layer_norm_fwd(t[0], t[1], t[2], t[3], t[4], t[5], EPS, p, seed, True)[0]
-    dy = torch.randn(rows, width)
+    dy = torch.randn(rows, width).to(device)
     g = grads(y, t, dy)
     keep = K.dropout_keep_mask(seed, rows, width, p)
     ref = leaves(src, torch.float64)
@@ -168,9 +169,9 @@ def test_linear_layer_norm_dropout():
         assert (a.double() - a64).abs().max() < 5e-5, name
 
 
-def test_linear_layer_norm_wide_rows_take_unfused_path():
-    x, W, bias = torch.randn(3, 16), torch.randn(768, 16), torch.randn(768)
-    r, w, b = torch.randn(3, 768), torch.randn(768), torch.randn(768)
+def test_linear_layer_norm_wide_rows_take_unfused_path(device):
+    x, W, bias = (t.to(device) for t in (torch.randn(3, 16), torch.randn(768, 16), torch.randn(768)))
+    r, w, b = (t.to(device) for t in (torch.randn(3, 768), torch.randn(768), torch.randn(768)))
     y = ops.linear_layer_norm(x, W, bias, r, w, b, EPS)
     y64 = reference.layer_norm(F.linear(x.double(), W.double(), bias.double()), w.double(), b.double(), EPS,
                                r.double())

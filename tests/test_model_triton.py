@@ -23,15 +23,15 @@ def _loss(out, mask, w):  # the pooler of an all-padding row is undefined (trans
     return (out.last_hidden_state * w * mask.bool()[..., None]).sum() + out.pooler_output[rows].pow(2).sum()
 
 
-def test_forward_and_gradients_match_transformers():
-    hf = hf_bert(hidden=64, heads=4, layers=2, inter=200)
-    ours = FastStudent.from_hf(hf)
-    ids, mask, tt = batch(3, 11, 211, pad_rows=(2,))
+def test_forward_and_gradients_match_transformers(device):
+    hf = hf_bert(hidden=64, heads=4, layers=2, inter=200).to(device)
+    ours = FastStudent.from_hf(hf).to(device)
+    ids, mask, tt = (t.to(device) for t in batch(3, 11, 211, pad_rows=(2,)))
     with torch.no_grad():
         a = ours(ids, mask, tt, output_hidden_states=True)
         b = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
     assert_parity(a, b, mask, atol=2e-5)
-    w = torch.randn(3, 11, 64)
+    w = torch.randn(3, 11, 64).to(device)
     for m in (ours, hf):
         _loss(m(input_ids=ids, attention_mask=mask, token_type_ids=tt), mask, w).backward()
     g_hf = dict(hf.named_parameters())
@@ -41,10 +41,10 @@ def test_forward_and_gradients_match_transformers():
         assert err <= 2e-5 * max(1.0, ref.abs().max().item()), f"grad of {n} differs by {err}"
 
 
-def test_dropout_training_is_seeded_and_differs_from_eval():
+def test_dropout_training_is_seeded_and_differs_from_eval(device):
     hf = hf_bert(hidden=64, heads=4, layers=1, inter=128, dropout=0.1)
-    ours = FastStudent.from_hf(hf).train()
-    ids, mask, tt = batch(2, 9, 211)
+    ours = FastStudent.from_hf(hf).to(device).train()
+    ids, mask, tt = (t.to(device) for t in batch(2, 9, 211))
     outs = []
     for seed in (5, 5, 6):
         torch.manual_seed(seed)
@@ -59,12 +59,12 @@ def test_dropout_training_is_seeded_and_differs_from_eval():
 
 
 @pytest.mark.compile
-def test_torch_compile_fullgraph_traces_the_model():
+def test_torch_compile_fullgraph_traces_the_model(device):
     """Unpadding sizes its outputs by data (nonzero, max length): dynamo captures them as unbacked symbolic
     sizes with these two flags; the model skips its input value checks (a host sync) while being traced."""
     hf = hf_bert(hidden=32, heads=2, layers=1, inter=64)
-    ours = FastStudent.from_hf(hf)
-    ids, mask, tt = batch(2, 7, 211)
+    ours = FastStudent.from_hf(hf).to(device)
+    ids, mask, tt = (t.to(device) for t in batch(2, 7, 211))
     eager = ours(ids, mask, tt)
     g_eager = torch.autograd.grad(eager.last_hidden_state.sum() + eager.pooler_output.sum(), list(ours.parameters()))
     torch._dynamo.reset()
@@ -77,12 +77,12 @@ def test_torch_compile_fullgraph_traces_the_model():
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_forward_launches_per_layer_and_no_host_sync():
+def test_forward_launches_per_layer_and_no_host_sync(device):
     if not implemented("varlen_attention", "triton"):
         pytest.skip("the triton varlen_attention (kernels/attention.py) is not registered yet")
     hf = hf_bert(hidden=64, heads=4, layers=1, inter=128)
-    ours = FastStudent.from_hf(hf).eval()
-    ids, mask, tt = batch(3, 9, 211)
+    ours = FastStudent.from_hf(hf).to(device).eval()
+    ids, mask, tt = (t.to(device) for t in batch(3, 9, 211))
     ids_, tt_, pos_, p = ours.prepare(ids, mask, tt)
     layer = ours.layers[0]
     with torch.no_grad():

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.interpreter
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 3e-3), torch.bfloat16: (1e-5, 1e-2)}
 
 
-def _cu(lens):
-    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+def _cu(lens, device="cpu"):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
 
 
 def _run(a_s, b_s, a_t, b_t, g, backend, self_rel=False, **kw):
@@ -43,15 +43,15 @@ def _close(ours, ref, dtype, grad=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_varlen_attention_kl_differing_heads(dtype):
+def test_varlen_attention_kl_differing_heads(dtype, device):
     """Packed sequences (1, 7, 70 > one key block, 33), student 4 heads x 8, teacher 6 heads x 8 -> R = 4
     relation heads of widths 8 and 12 (neither a power of two for the teacher)."""
     lens = [1, 7, 70, 33]
-    cu, T = _cu(lens), sum(lens)
-    q_s, k_s = (torch.randn(T, 4, 8) * 1.5).to(dtype), (torch.randn(T, 4, 8) * 1.5).to(dtype)
-    q_t, k_t = (torch.randn(T, 6, 8) * 1.5).to(dtype), (torch.randn(T, 6, 8) * 1.5).to(dtype)
+    cu, T = _cu(lens, device), sum(lens)
+    q_s, k_s = (torch.randn(T, 4, 8) * 1.5).to(device, dtype), (torch.randn(T, 4, 8) * 1.5).to(device, dtype)
+    q_t, k_t = (torch.randn(T, 6, 8) * 1.5).to(device, dtype), (torch.randn(T, 6, 8) * 1.5).to(device, dtype)
     kw = dict(num_relation_heads=4, cu_seqlens=cu, max_seqlen=max(lens))
-    g = torch.rand(4, T)
+    g = torch.rand(4, T).to(device)
     kl, da, db = _run(q_s, k_s, q_t, k_t, g, "triton", **kw)
     kl64, da64, db64 = _run(q_s, k_s, q_t, k_t, g, "torch", **kw)
     assert kl.shape == (4, T) and kl.dtype == torch.float32 and da.dtype == dtype
@@ -61,7 +61,7 @@ def test_varlen_attention_kl_differing_heads(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_padded_mask_self_relation(dtype):
+def test_padded_mask_self_relation(dtype, device):
     """Padded (B, L, H*D) with right and left padding and one fully padded row; self-relation a = b = x, so
     the gradient is the sum of both kernel paths; padded rows get KL 0 and zero gradient."""
     B, L = 4, 37
@@ -69,10 +69,11 @@ def test_padded_mask_self_relation(dtype):
     mask[0, 20:] = False          # right padding
     mask[1, :9] = False           # left padding
     mask[2] = False               # nothing real
-    x_s = torch.randn(B, L, 24).to(dtype)
-    x_t = torch.randn(B, L, 2, 48).to(dtype)
+    mask = mask.to(device)
+    x_s = torch.randn(B, L, 24).to(device, dtype)
+    x_t = torch.randn(B, L, 2, 48).to(device, dtype)
     kw = dict(num_relation_heads=3, attention_mask=mask)
-    g = torch.randn(3, B * L)
+    g = torch.randn(3, B * L).to(device)
     kl, dx, _ = _run(x_s, x_s, x_t, x_t, g, "triton", self_rel=True, **kw)
     kl64, dx64, _ = _run(x_s, x_s, x_t, x_t, g, "torch", self_rel=True, **kw)
     _close(kl, kl64, dtype)
@@ -81,12 +82,12 @@ def test_padded_mask_self_relation(dtype):
     assert (kl[:, pad] == 0).all() and (dx.reshape(B * L, -1)[pad] == 0).all()
 
 
-def test_padded_without_mask_and_wide_heads():
+def test_padded_without_mask_and_wide_heads(device):
     """No mask; relation-head widths 128 and 96 (the widest tier: 16 x 16 tiles in fp32)."""
     B, L = 2, 40
-    a_s, b_s = torch.randn(B, L, 128), torch.randn(B, L, 128)
-    a_t, b_t = torch.randn(B, L, 2, 48), torch.randn(B, L, 2, 48)
-    g = torch.randn(1, B * L)
+    a_s, b_s = torch.randn(B, L, 128).to(device), torch.randn(B, L, 128).to(device)
+    a_t, b_t = torch.randn(B, L, 2, 48).to(device), torch.randn(B, L, 2, 48).to(device)
+    g = torch.randn(1, B * L).to(device)
     kl, da, db = _run(a_s, b_s, a_t, b_t, g, "triton", num_relation_heads=1)
     kl64, da64, db64 = _run(a_s, b_s, a_t, b_t, g, "torch", num_relation_heads=1)
     _close(kl, kl64, torch.float32)
@@ -94,15 +95,15 @@ def test_padded_without_mask_and_wide_heads():
     _close(db, db64, torch.float32, grad=True)
 
 
-def test_fused_qkv_views_and_inference_teacher():
+def test_fused_qkv_views_and_inference_teacher(device):
     """q, k, v as strided views of one (T, 3, H, D) GEMM output (FastStudent's taps), teacher made under
     inference mode: no copies needed, no gradient reaches the teacher, results equal contiguous inputs."""
     lens = [5, 66]
-    cu, T = _cu(lens), sum(lens)
-    qkv = torch.randn(T, 3, 4, 8, requires_grad=True)
+    cu, T = _cu(lens, device), sum(lens)
+    qkv = torch.randn(T, 3, 4, 8).to(device).requires_grad_()
     q_s, k_s, _ = qkv.unbind(1)  # (T, 4, 8), row stride 96
     with torch.inference_mode():
-        tq = torch.randn(T, 3, 2, 16)
+        tq = torch.randn(T, 3, 2, 16).to(device)
         q_t, k_t, _ = tq.unbind(1)
     kw = dict(num_relation_heads=2, cu_seqlens=cu, max_seqlen=max(lens))
     with fastdistil.use_backend("triton"):
@@ -110,28 +111,29 @@ def test_fused_qkv_views_and_inference_teacher():
         kl.sum().backward()
     g_views = qkv.grad[:, :2].clone()
     assert (qkv.grad[:, 2] == 0).all()
-    kl64, dq64, dk64 = _run(q_s.detach(), k_s.detach(), q_t.clone(), k_t.clone(), torch.ones(2, T), "torch", **kw)
+    kl64, dq64, dk64 = _run(q_s.detach(), k_s.detach(), q_t.clone(), k_t.clone(), torch.ones(2, T, device=device),
+                            "torch", **kw)
     _close(kl, kl64, torch.float32)
     _close(g_views[:, 0], dq64, torch.float32, grad=True)
     _close(g_views[:, 1], dk64, torch.float32, grad=True)
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_writes_every_output(monkeypatch, packed):
+def test_writes_every_output(monkeypatch, packed, device):
     from fastdistil.kernels import relation as K
     monkeypatch.setattr(K, "torch", PoisonedTorch())
     if packed:
         lens = [3, 0, 65, 1]  # an empty sequence too
-        kw = dict(num_relation_heads=2, cu_seqlens=_cu(lens), max_seqlen=max(lens))
+        kw = dict(num_relation_heads=2, cu_seqlens=_cu(lens, device), max_seqlen=max(lens))
         lead = (sum(lens),)
     else:
         mask = torch.rand(3, 30) > 0.4
         mask[0] = False
-        kw = dict(num_relation_heads=2, attention_mask=mask)
+        kw = dict(num_relation_heads=2, attention_mask=mask.to(device))
         lead = (3, 30)
-    a_s, b_s, a_t, b_t = (torch.randn(*lead, 16) for _ in range(4))
+    a_s, b_s, a_t, b_t = (torch.randn(*lead, 16).to(device) for _ in range(4))
     n = math.prod(lead)
-    g = torch.randn(2, n)
+    g = torch.randn(2, n).to(device)
     kl, da, db = _run(a_s, b_s, a_t, b_t, g, "triton", **kw)
     assert torch.isfinite(kl).all() and torch.isfinite(da).all() and torch.isfinite(db).all()
     kl64, da64, db64 = _run(a_s, b_s, a_t, b_t, g, "torch", **kw)
@@ -140,12 +142,12 @@ def test_writes_every_output(monkeypatch, packed):
     _close(db, db64, torch.float32, grad=True)
 
 
-def test_expanded_gradient_and_only_one_input_needing_grad():
+def test_expanded_gradient_and_only_one_input_needing_grad(device):
     """A mean's gradient arrives as a stride-0 expanded tensor; only a_s requiring grad runs only dA."""
     lens = [9, 4]
-    kw = dict(num_relation_heads=1, cu_seqlens=_cu(lens), max_seqlen=9)
-    a_s = torch.randn(13, 16, requires_grad=True)
-    b_s, a_t, b_t = torch.randn(13, 16), torch.randn(13, 16), torch.randn(13, 16)
+    kw = dict(num_relation_heads=1, cu_seqlens=_cu(lens, device), max_seqlen=9)
+    a_s = torch.randn(13, 16).to(device).requires_grad_()
+    b_s, a_t, b_t = (torch.randn(13, 16).to(device) for _ in range(3))
     with fastdistil.use_backend("triton"):
         relation_kl_rows(a_s, b_s, a_t, b_t, **kw).mean().backward()
     a64 = a_s.detach().double().requires_grad_()
@@ -172,17 +174,17 @@ def test_float64_and_argument_errors():
         relation_kl_rows(y, y, y, y.half(), num_relation_heads=2)
 
 
-def test_compiles_fullgraph():
+def test_compiles_fullgraph(device):
     lens = [6, 17]
-    cu = _cu(lens)
-    a_s = torch.randn(23, 2, 8, requires_grad=True)
-    a_t = torch.randn(23, 2, 16)
+    cu = _cu(lens, device)
+    a_s = torch.randn(23, 2, 8).to(device).requires_grad_()
+    a_t = torch.randn(23, 2, 16).to(device)
     with fastdistil.use_backend("triton"):
         f = torch.compile(lambda a, t: relation_kl_rows(a, a, t, t, num_relation_heads=2, cu_seqlens=cu,
                                                         max_seqlen=17).sum(), fullgraph=True, backend="eager")
         f(a_s, a_t).backward()
-    _, d64, _ = _run(a_s, a_s, a_t, a_t, torch.ones(2, 23), "torch", self_rel=True, num_relation_heads=2,
-                     cu_seqlens=cu, max_seqlen=17)
+    _, d64, _ = _run(a_s, a_s, a_t, a_t, torch.ones(2, 23, device=device), "torch", self_rel=True,
+                     num_relation_heads=2, cu_seqlens=cu, max_seqlen=17)
     _close(a_s.grad, d64, torch.float32, grad=True)
 
 
@@ -265,21 +267,24 @@ def test_memory_at_batch_32x128_is_under_a_tenth_of_the_materialised_reference()
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_custom_op_registration(packed):
+def test_custom_op_registration(packed, device):
     """torch.library.opcheck: schema, fake (meta) kernel, autograd registration, AOT dispatch."""
     from fastdistil.ops import relation as op
+
+    def r(*shape):
+        return torch.randn(*shape).to(device)
     if packed:
-        a, b = torch.randn(20, 2, 8, requires_grad=True), torch.randn(20, 2, 8, requires_grad=True)
-        args = (a, b, torch.randn(20, 2, 16), torch.randn(20, 2, 16), 0.3, 0.25,
-                torch.tensor([0, 3, 20], dtype=torch.int32), 17, None)
+        a, b = r(20, 2, 8).requires_grad_(), r(20, 2, 8).requires_grad_()
+        args = (a, b, r(20, 2, 16), r(20, 2, 16), 0.3, 0.25,
+                torch.tensor([0, 3, 20], dtype=torch.int32, device=device), 17, None)
     else:
-        a = torch.randn(2, 9, 2, 8, requires_grad=True)
-        mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.int8)
-        args = (a, a, torch.randn(2, 9, 2, 16), torch.randn(2, 9, 2, 16), 0.3, 0.25, None, 9, mask)
+        a = r(2, 9, 2, 8).requires_grad_()
+        mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4], dtype=torch.int8, device=device)
+        args = (a, a, r(2, 9, 2, 16), r(2, 9, 2, 16), 0.3, 0.25, None, 9, mask)
     torch.library.opcheck(op._rel_fwd_op, args)
 
 
-def test_launchers_allocate_only_the_row_statistics_and_the_gradients(monkeypatch):
+def test_launchers_allocate_only_the_row_statistics_and_the_gradients(monkeypatch, device):
     """What the meta-device measurement above assumes, checked on a real interpreter run: the forward launcher
     allocates kl, lse_t, lse_s ((R, T) float32 each) plus 1-element pointer stand-ins, the backward one only the
     two input gradients; nothing L x L."""
@@ -304,10 +309,11 @@ def test_launchers_allocate_only_the_row_statistics_and_the_gradients(monkeypatc
 
     monkeypatch.setattr(K, "torch", Counting())
     R, T = 2, 45
-    a_s, b_s = torch.randn(T, R, 8, requires_grad=True), torch.randn(T, R, 8, requires_grad=True)
-    x_t = torch.randn(T, R, 16)
+    a_s, b_s = torch.randn(T, R, 8).to(device).requires_grad_(), torch.randn(T, R, 8).to(device).requires_grad_()
+    x_t = torch.randn(T, R, 16).to(device)
     with fastdistil.use_backend("triton"):
-        kl = relation_kl_rows(a_s, b_s, x_t, x_t, num_relation_heads=R, cu_seqlens=_cu([5, 40]), max_seqlen=40)
+        kl = relation_kl_rows(a_s, b_s, x_t, x_t, num_relation_heads=R, cu_seqlens=_cu([5, 40], device),
+                              max_seqlen=40)
         fwd = sum(allocs)
         kl.sum().backward()
     assert 3 * R * T * 4 <= fwd <= 3 * R * T * 4 + 8  # + the int8 mask stand-in

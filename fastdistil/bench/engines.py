@@ -12,6 +12,12 @@ ONNX Runtime on transformers' eager-attention model exported with the legacy exp
 ONNX Runtime's BERT fusions recognise) and fused with `onnxruntime.transformers.optimizer` (Attention,
 EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), run three ways: padded, length-bucketed (sorted, 8 per
 bucket) and one sequence at a time at its true length. A peer that is not installed is reported as skipped.
+
+On CUDA (`engine_names(kind, "cuda")`) the peers are what GPU users run instead: transformers eager and sdpa in
+fp32 (the reference), fp16 and bf16; transformers with flash_attention_2 (it unpads internally) when flash-attn is
+installed; torch.compile(mode="reduce-overhead") of transformers sdpa in bf16 (CUDA graphs); sentence-transformers
+`encode` in bf16 (tokenization included: texts whose tokens are exactly the workload's ids); fastdistil's triton
+backend in fp32, fp16 and bf16. Training adds autocast steps (fp32 weights, what Trainer(bf16=True) runs).
 """
 from __future__ import annotations
 
@@ -158,7 +164,8 @@ class Engine:
 
     @property
     def precision(self) -> str:
-        return _dtype_name(self.dtype)
+        ac = getattr(self, "autocast", None)
+        return f"{_dtype_name(ac)}-autocast" if ac is not None else _dtype_name(self.dtype)
 
     def setup(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -189,18 +196,33 @@ class TransformersEngine(Engine):
 
     def setup(self, ctx):
         super().setup(ctx)
+        if self.attn == "flash_attention_2":
+            import importlib.util
+            if ctx.device.type != "cuda":
+                raise Skip("flash_attention_2 runs on CUDA only")
+            if importlib.util.find_spec("flash_attn") is None:
+                raise Skip("flash-attn is not installed (pip install flash-attn)")
         self.model = hf_model(ctx, self.attn, self.dtype)
         self.fn = self.model
         if self.compiled:
+            # CUDA graphs on a GPU (the launch-bound regime of a small encoder); plain inductor on a CPU
+            mode = "reduce-overhead" if ctx.device.type == "cuda" else None
+            self.extra["compile_mode"] = mode or "default"
+            import torch._dynamo
+            torch._dynamo.reset()  # a fresh cache: no recompilation with dynamic shapes from an earlier workload
             t = time.perf_counter()
-            self.fn = torch.compile(self.model)
-            with torch.inference_mode():
+            self.fn = torch.compile(self.model, mode=mode, dynamic=False)
+            with self._grad_mode():
                 self.fn(input_ids=ctx.ids, attention_mask=ctx.mask)  # compiles
             ctx.sync()
             self.extra["compile_s"] = round(time.perf_counter() - t, 1)
 
+    def _grad_mode(self):
+        # CUDA-graph trees record under no_grad; inference_mode tensors are not accepted by every torch version
+        return torch.no_grad() if self.compiled else torch.inference_mode()
+
     def __call__(self):
-        with torch.inference_mode():
+        with self._grad_mode():
             return self.fn(input_ids=self.ctx.ids, attention_mask=self.ctx.mask).last_hidden_state
 
 
@@ -227,6 +249,57 @@ def _check_backend(backend: str, device: torch.device) -> None:
     ok, why = availability()[backend]
     if not ok:
         raise Skip(why)
+
+
+class SentenceTransformersEngine(Engine):
+    """sentence-transformers `encode` (mean pooling) on transformers' sdpa model in `dtype`, tokenization included.
+
+    The texts are made of one word per workload id over a vocabulary whose word i is token i, so the tokenizer
+    reproduces the workload's ids exactly: every engine sees the same batch. Outputs are pooled embeddings, checked
+    against the reference's mean-pooled hidden states."""
+    family = "sentence-transformers"
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        try:
+            from sentence_transformers import SentenceTransformer, models
+        except ImportError:
+            raise Skip("sentence-transformers is not installed (pip install sentence-transformers)") from None
+        d = os.path.join(ctx.tmpdir, "sentence-transformer")
+        hf_model(ctx, "sdpa").save_pretrained(d)
+        vocab = [f"w{i}" for i in range(ctx.hf_config.vocab_size)]
+        for i, tok in ((0, "[PAD]"), (100, "[UNK]"), (101, "[CLS]"), (102, "[SEP]"), (103, "[MASK]")):
+            if i < len(vocab):
+                vocab[i] = tok
+        with open(os.path.join(d, "vocab.txt"), "w") as f:
+            f.write("\n".join(vocab) + "\n")
+        import inspect
+
+        try:
+            from transformers import BertTokenizerFast as Tok  # transformers 5: an alias of BertTokenizer (fast)
+        except ImportError:
+            from transformers import BertTokenizer as Tok
+        if "vocab" in inspect.signature(Tok.__init__).parameters:  # transformers 5 takes the vocabulary itself
+            tok = Tok(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+        else:
+            tok = Tok(vocab_file=os.path.join(d, "vocab.txt"), do_lower_case=True)
+        tok.save_pretrained(d)
+        word = models.Transformer(d, max_seq_length=int(ctx.ids.shape[1]))
+        dim = getattr(word, "get_embedding_dimension", None) or word.get_word_embedding_dimension
+        pool = models.Pooling(dim(), "mean")
+        self.model = SentenceTransformer(modules=[word, pool], device=str(ctx.device)).to(self.dtype).eval()
+        ids = ctx.ids.cpu()
+        self.texts = [" ".join(vocab[int(t)] for t in ids[i, 1:n - 1]) for i, n in enumerate(ctx.seqlens)]
+        got = word.tokenizer(self.texts[:1], return_tensors="pt")["input_ids"][0]
+        if not torch.equal(got, ids[0, :ctx.seqlens[0]]):
+            raise RuntimeError("the synthetic vocabulary did not reproduce the workload's token ids")
+
+    def __call__(self):
+        return self.model.encode(self.texts, batch_size=len(self.texts), convert_to_tensor=True,
+                                 show_progress_bar=False)
+
+    def check(self):
+        return self().float().cpu()  # (B, d) pooled
 
 
 class OnnxRuntimeEngine(Engine):
@@ -344,6 +417,7 @@ def export_onnx(ctx: Context) -> str:
 
 class _TrainMixin:
     kind = "train"
+    autocast = None  # a dtype: fp32 weights under torch.autocast (what Trainer(bf16=True / fp16=True) runs)
 
     def _build(self, ctx):  # -> model with transformers' head keys
         raise NotImplementedError
@@ -370,7 +444,9 @@ class _TrainMixin:
         self.model.zero_grad(set_to_none=True)
 
     def _loss(self):
-        return self._forward(self.ctx.ids, self.ctx.mask, self.ctx.labels).loss
+        with torch.autocast(self.ctx.device.type, dtype=self.autocast or torch.bfloat16,
+                            enabled=self.autocast is not None):
+            return self._forward(self.ctx.ids, self.ctx.mask, self.ctx.labels).loss
 
     def __call__(self):
         self.model.train()
@@ -532,28 +608,42 @@ class DistillEngine(Engine):
 INFERENCE_PEERS = ("transformers-eager", "transformers-sdpa", "transformers-sdpa-bf16", "torch.compile-sdpa",
                    "onnxruntime-padded", "onnxruntime-bucketed", "onnxruntime-per-seq")
 FAST_BACKENDS = ("torch", "native", "triton")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA_INFERENCE = ("transformers-eager", "transformers-eager-fp16", "transformers-eager-bf16", "transformers-sdpa",
+                  "transformers-sdpa-fp16", "transformers-sdpa-bf16", "transformers-fa2-bf16",
+                  "torch.compile-sdpa-bf16", "sentence-transformers-bf16", "fastdistil-triton-fp32",
+                  "fastdistil-triton-fp16", "fastdistil-triton-bf16")
+CUDA_TRAIN = ("transformers-eager", "transformers-sdpa", "transformers-sdpa-autocast-bf16",
+              "transformers-sdpa-autocast-fp16", "fastdistil-triton-fp32", "fastdistil-triton-autocast-bf16",
+              "fastdistil-triton-autocast-fp16")
 
 
-def engine_names(kind: str) -> list[str]:
-    """Every engine name for a workload kind ("inference", "train", "distill"), peers first."""
+def engine_names(kind: str, device: str = "cpu") -> list[str]:
+    """Every engine name for a workload kind ("inference", "train", "distill") on a device type, peers first."""
+    cuda = str(device).startswith("cuda")
     if kind == "inference":
-        return list(INFERENCE_PEERS) + [f"fastdistil-{b}-{p}" for b in FAST_BACKENDS for p in PRECISIONS]
+        if cuda:
+            return list(CUDA_INFERENCE)
+        return list(INFERENCE_PEERS) + [f"fastdistil-{b}-{p}" for b in FAST_BACKENDS for p in ("fp32", "bf16")]
     if kind == "train":
+        if cuda:
+            return list(CUDA_TRAIN)
         return ["transformers-eager", "transformers-sdpa"] + [f"fastdistil-{b}-fp32" for b in FAST_BACKENDS]
     if kind == "distill":
-        return [f"fastdistil-distill-{b}" for b in FAST_BACKENDS]
+        return [f"fastdistil-distill-{b}" for b in (("triton", "torch") if cuda else FAST_BACKENDS)]
     raise ValueError(f"unknown workload kind {kind!r}")
 
 
-def select(kind: str, patterns=None) -> list[str]:
+def select(kind: str, patterns=None, device: str = "cpu") -> list[str]:
     """Engine names of `kind` matching any of `patterns`: an exact engine name selects that engine, anything else
     is a prefix ('fastdistil', 'onnxruntime', 'transformers', 'fastdistil-native'); all of them when patterns is
     empty. Names keep the registry's order (peers first)."""
-    names = engine_names(kind)
+    names = engine_names(kind, device)
     if not patterns:
         return names
-    return [n for n in names if any(n == p or (p not in names and n.startswith(p)) for p in patterns)]
+    other = [n for n in engine_names(kind, "cpu" if str(device).startswith("cuda") else "cuda") if n not in names]
+    exact = [p for p in patterns if p in other]  # another device's engine, named in full (e.g. tested on a CPU)
+    return [n for n in names if any(n == p or (p not in names and n.startswith(p)) for p in patterns)] + exact
 
 
 def make_engine(name: str, kind: str) -> Engine:
@@ -562,15 +652,27 @@ def make_engine(name: str, kind: str) -> Engine:
         b = name.rsplit("-", 1)[-1]
         return DistillEngine(name, b, torch.float32)
     train = kind == "train"
-    if name.startswith("fastdistil-"):
-        _, backend, prec = name.split("-")
-        return (FastTrainEngine if train else FastEngine)(name, backend, PRECISIONS[prec])
-    if name.startswith("transformers-"):
-        parts = name.split("-")
+    parts = name.split("-")
+    autocast = None
+    if train and len(parts) == 4 and parts[2] == "autocast" and parts[3] in PRECISIONS:
+        autocast, parts = PRECISIONS[parts[3]], parts[:2] + ["fp32"]  # fp32 weights, low-precision compute
+    if parts[0] == "fastdistil" and len(parts) == 3 and parts[2] in PRECISIONS:
+        eng = (FastTrainEngine if train else FastEngine)(name, parts[1], PRECISIONS[parts[2]])
+    elif parts[0] == "transformers" and len(parts) in (2, 3):
+        attn = {"fa2": "flash_attention_2"}.get(parts[1], parts[1])
         dt = PRECISIONS[parts[2]] if len(parts) > 2 else torch.float32
-        return (TransformersTrainEngine if train else TransformersEngine)(name, parts[1], dt)
-    if name == "torch.compile-sdpa":
-        return TransformersEngine(name, "sdpa", torch.float32, compiled=True)
+        eng = (TransformersTrainEngine if train else TransformersEngine)(name, attn, dt)
+    elif name in ("torch.compile-sdpa", "torch.compile-sdpa-bf16", "torch.compile-sdpa-fp16"):
+        return TransformersEngine(name, "sdpa", PRECISIONS[parts[2]] if len(parts) > 2 else torch.float32,
+                                  compiled=True)
+    elif name in ("sentence-transformers-bf16", "sentence-transformers-fp16", "sentence-transformers-fp32"):
+        return SentenceTransformersEngine(name, "sdpa", PRECISIONS[parts[2]])
+    else:
+        eng = None
+    if eng is not None:
+        if autocast is not None:
+            eng.autocast = autocast
+        return eng
     if name.startswith("onnxruntime-"):
         return OnnxRuntimeEngine(name, name[len("onnxruntime-"):])
     raise ValueError(f"unknown engine {name!r}")
@@ -582,8 +684,20 @@ def tolerance(precision: str) -> dict:
     return {"max_abs_diff": 1e-3} if precision == "fp32" else {"min_cosine": 0.999}
 
 
+def mean_pool(rows: torch.Tensor, lens) -> torch.Tensor:
+    """(T, d) packed rows -> (B, d) per-sequence means."""
+    return torch.stack([r.mean(0) for r in torch.split(rows, list(lens))])
+
+
 def agreement(out, ref, mask_lens=None) -> dict:
-    """max abs diff (and worst-sequence pooled cosine for hidden states) of `out` against `ref`."""
+    """max abs diff (and worst-sequence pooled cosine for hidden states) of `out` against `ref`. A (B, d) `out`
+    with B = len(mask_lens) != T is a pooled embedding (sentence-transformers): it is compared with the
+    reference's mean-pooled rows."""
+    if isinstance(out, torch.Tensor) and mask_lens and out.shape[0] == len(mask_lens) != ref.shape[0]:
+        pooled = mean_pool(ref, mask_lens)
+        cos = torch.nn.functional.cosine_similarity(out, pooled, dim=1)
+        return {"max_abs_diff": float((out - pooled).abs().max()), "min_cosine": float(cos.min()),
+                "compared": "mean-pooled embeddings"}
     if isinstance(out, dict):
         keys = [k for k in ref if k in out]
         diff = max((float((out[k] - ref[k]).abs().max()) for k in keys), default=math.nan)

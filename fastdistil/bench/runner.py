@@ -111,9 +111,10 @@ def run_workload(name: str, *, device: str = "cpu", engines=None, rounds: int = 
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     wl = get_workload(name)
     threads = threads or torch.get_num_threads()
-    names = E.select(wl.kind, engines)
+    names = E.select(wl.kind, engines, device)
     if not names:
-        raise ValueError(f"no engine of workload {name} matches {engines}; known: {', '.join(E.engine_names(wl.kind))}")
+        raise ValueError(f"no engine of workload {name} matches {engines}; known: "
+                         f"{', '.join(E.engine_names(wl.kind, device))}")
     bar = _Progress(len(names) * (rounds + 1) + 1, progress)
     with _threads(threads):
         ctx = E.make_context(wl, device, threads, model)
@@ -126,6 +127,7 @@ def run_workload(name: str, *, device: str = "cpu", engines=None, rounds: int = 
 
 def _run(wl, ctx, names, rounds, bar) -> dict:
     rows, live = [], []
+    cuda = ctx.device.type == "cuda"
     # the reference every engine is checked against: transformers eager, fp32, this run's batch
     ref_engine = E.make_engine("transformers-eager", wl.kind) if wl.kind != "distill" else None
     ref = None
@@ -157,13 +159,21 @@ def _run(wl, ctx, names, rounds, bar) -> dict:
             else:
                 loss = float(out["loss"]) if isinstance(out, dict) else math.nan
                 row.update(loss=loss, agrees=math.isfinite(loss))
-            # warm-up call, which also sizes the repeats per sample
-            t = time.perf_counter()
-            eng()
-            ctx.sync()
-            warm = time.perf_counter() - t
+            # warm-up calls (on a GPU three: Triton/cuBLAS/inductor first calls, then CUDA-graph recording); the
+            # last one sizes the repeats per sample
+            for _ in range(3 if cuda else 1):
+                t = time.perf_counter()
+                eng()
+                ctx.sync()
+                warm = time.perf_counter() - t
             row["repeats"] = max(1, min(MAX_REPEATS, int(TARGET_SAMPLE_S / max(warm, 1e-6))))
             row["times_ms"] = []
+            if cuda and "peak_cuda_MB" not in eng.extra:  # what one call allocates above what was live before it
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+                base = torch.cuda.memory_allocated(ctx.device)
+                eng()
+                ctx.sync()
+                eng.extra["peak_cuda_MB"] = round((torch.cuda.max_memory_allocated(ctx.device) - base) / 2**20, 1)
             row.update(eng.extra)
             live.append((eng, row))
         except E.Skip as e:
@@ -176,6 +186,15 @@ def _run(wl, ctx, names, rounds, bar) -> dict:
             bar.step(f"round {r + 1}/{rounds} {row['engine']}")
             k = row["repeats"]
             ctx.sync()
+            if cuda:  # CUDA events on the stream: GPU time of the k calls, including gaps the host leaves
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(k):
+                    eng()
+                end.record()
+                end.synchronize()
+                row["times_ms"].append(start.elapsed_time(end) / k)
+                continue
             t = time.perf_counter()
             for _ in range(k):
                 eng()
@@ -188,15 +207,20 @@ def _run(wl, ctx, names, rounds, bar) -> dict:
         row["min_ms"], row["max_ms"] = min(ts), max(ts)
         row["tokens_per_s"] = tokens / (row["median_ms"] / 1e3)
         eng.teardown()
-    base = next((r for r in rows if r["engine"] == "transformers-sdpa" and r["status"] == "ok"), None)
+    # the ratio's baseline: transformers sdpa, in bf16 on a GPU (what GPU users run) when that engine ran
+    ok = {r["engine"]: r for r in rows if r["status"] == "ok"}
+    base_name = "transformers-sdpa-bf16" if cuda and "transformers-sdpa-bf16" in ok else "transformers-sdpa"
+    base = ok.get(base_name)
     for row in rows:
         if row["status"] == "ok" and base is not None:
             row["ratio_vs_sdpa"] = base["median_ms"] / row["median_ms"]
     return {"workload": wl.name, "kind": wl.kind, "summary": wl.summary(), "real_tokens": tokens,
+            "ratio_base": base_name if base is not None else None,
             "padded_tokens": int(ctx.ids.numel()), "weights": ctx.weights, "rounds": len(next(iter(
                 [r["times_ms"] for _, r in live]), [])) if live else 0,
             "reference": "transformers eager fp32, same batch, same run" if ref is not None else None,
-            "rows": rows}
+            "timing": "CUDA events, median of interleaved rounds after 3 warm-up calls" if cuda else
+            "wall clock, median of interleaved rounds after 1 warm-up call", "rows": rows}
 
 
 def run(workloads, *, device="cpu", engines=None, rounds=5, threads=None, model="minilm", progress=True,
@@ -220,12 +244,13 @@ def _fmt(v, spec, missing="-", suffix=""):
 
 def format_table(wres: dict) -> list[str]:
     """Engine, median ms, real tokens/s, ratio to transformers sdpa, max abs diff (and why an engine did not run)."""
-    lines = [f"{wres['summary']}; weights: {wres['weights']}",
-             f"{'engine':<26} {'median ms':>10} {'min..max ms':>17} {'real tok/s':>11} {'vs sdpa':>8} "
+    base = wres.get("ratio_base") or "transformers-sdpa"
+    lines = [f"{wres['summary']}; weights: {wres['weights']}; 'vs sdpa' = speed relative to {base}",
+             f"{'engine':<32} {'median ms':>10} {'min..max ms':>17} {'real tok/s':>11} {'vs sdpa':>8} "
              f"{'max abs diff':>12}  agrees"]
     for r in wres["rows"]:
         if r["status"] != "ok":
-            lines.append(f"{r['engine']:<26} {r['status']}: {r['reason']}")
+            lines.append(f"{r['engine']:<32} {r['status']}: {r['reason']}")
             continue
         p = 3 if r["median_ms"] < 1 else 2 if r["median_ms"] < 100 else 0
         spread = f"{r['min_ms']:.{p}f}..{r['max_ms']:.{p}f}"
@@ -239,7 +264,7 @@ def format_table(wres: dict) -> list[str]:
                 extra += f", {label} +{r[k]:.0f} MB"
         if "loss" in r:
             extra += f" loss {r['loss']:.4f}"
-        lines.append(f"{r['engine']:<26} {r['median_ms']:>10.2f} {spread:>17} {r['tokens_per_s']:>11,.0f} "
+        lines.append(f"{r['engine']:<32} {r['median_ms']:>10.2f} {spread:>17} {r['tokens_per_s']:>11,.0f} "
                      f"{_fmt(r.get('ratio_vs_sdpa'), '.2f', suffix='x'):>8} {_fmt(r.get('max_abs_diff'), '.2e'):>12}  "
                      f"{'yes' if r.get('agrees') else 'NO'}{extra}")
     notes = []
@@ -264,7 +289,8 @@ def markdown(result: dict) -> str:
            f"{v['transformers']}, onnxruntime {v['onnxruntime']}, triton {v['triton']}."]
     for w in result["workloads"].values():
         out += ["", f"**{w['summary']}**; weights: {w['weights']}; median of {w['rounds']} interleaved rounds.", "",
-                "| engine | median ms | min..max ms | real tokens/s | vs transformers sdpa | max abs diff | agrees |",
+                f"| engine | median ms | min..max ms | real tokens/s | vs {w.get('ratio_base') or 'transformers-sdpa'} "
+                "| max abs diff | agrees |",
                 "|---|---|---|---|---|---|---|"]
         for r in w["rows"]:
             if r["status"] != "ok":
@@ -274,7 +300,7 @@ def markdown(result: dict) -> str:
             agree = "yes" if r.get("agrees") else "**NO**"
             if "min_cosine" in r and r["precision"] != "fp32":
                 agree += f" (cos {r['min_cosine']:.5f})"
-            for k, label in (("saved_activation_MB", "saved"), ("peak_rss_MB", "peak RSS +"),
+            for k, label in (("saved_activation_MB", "saved "), ("peak_rss_MB", "peak RSS +"),
                              ("peak_cuda_MB", "peak CUDA +")):
                 if k in r:
                     agree += f", {label}{r[k]:.0f} MB"
@@ -324,7 +350,8 @@ def plot(result: dict, path) -> None:
 
 def model_error_lines(result: dict) -> list[str]:
     """On CUDA: the cost model's error against the measurement of the same workload (fastdistil triton and
-    transformers eager, forward, eager launches). Empty on CPU."""
+    transformers eager, forward, eager launches; fp16 is modeled as bf16: same bytes, same matrix rate). Empty on
+    CPU."""
     if result["machine"]["device"] != "cuda":
         return []
     from . import costmodel as cm
@@ -338,9 +365,11 @@ def model_error_lines(result: dict) -> list[str]:
             except Exception as e:  # the model is optional here; say why it is missing
                 lines.append(f"modeled vs measured ({name}, {prec}): cost model unavailable ({e})")
                 continue
-            pairs = (("fastdistil-triton-" + prec, rep["fastdistil"]["forward"]["whole_model"]["time_eager_s"]),
-                     ("transformers-eager" if prec == "fp32" else "", rep["transformers"]["eager"]["forward"]
-                      ["totals"]["time_eager_s"]))
+            fd = rep["fastdistil"]["forward"]["whole_model"]["time_eager_s"]
+            tr = rep["transformers"]["eager"]["forward"]["totals"]["time_eager_s"]
+            precs = ("bf16", "fp16") if prec == "bf16" else ("fp32",)
+            pairs = [(f"fastdistil-triton-{p}", fd) for p in precs]
+            pairs += [("transformers-eager" if p == "fp32" else f"transformers-eager-{p}", tr) for p in precs]
             for eng, modeled in pairs:
                 row = next((r for r in w["rows"] if r["engine"] == eng and r["status"] == "ok"), None)
                 if row is None:

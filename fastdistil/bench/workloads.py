@@ -5,6 +5,7 @@
 | A | 32 | 16..128 | 128 | a serving batch of mixed-length sentences |
 | B | 1 | 32 | 32 | one short request (latency, per-op overhead) |
 | C | 128 | 64..256 | 256 | offline embedding of long passages |
+| large | 1024 | 16..128 | 128 | a large GPU batch (encode of many short texts) |
 | train | 32 | 16..128 | 128 | one training step (forward, loss, backward, optimizer) |
 | distill | 32 | 16..128 | 128 | one distillation step, teacher BERT-base-shaped + 6x384 student |
 
@@ -76,6 +77,7 @@ WORKLOADS: dict[str, Workload] = {
     "A": Workload("A", 32, 16, 128, 128, seed=0, description="32 sequences, lengths U[16,128]"),
     "B": Workload("B", 1, 32, 32, 32, seed=0, description="1 sequence of 32 tokens"),
     "C": Workload("C", 128, 64, 256, 256, seed=0, description="128 sequences, lengths U[64,256]"),
+    "large": Workload("large", 1024, 16, 128, 128, seed=0, description="1,024 sequences, lengths U[16,128]"),
     "train": Workload("train", 32, 16, 128, 128, seed=0, kind="train",
                       description="training step on workload A's batch (classification head, AdamW)"),
     "distill": Workload("distill", 32, 16, 128, 128, seed=0, kind="distill",
