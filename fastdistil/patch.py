@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from . import ops
 from .ops.checks import FLOAT_DTYPES
 from .leftpad import LeftPad
+from .model import _plain
 from .ops.dispatch import lookup
 from .padding import Packing, gather, pad, unpad
 from .weight_cache import fused_qkv
@@ -84,11 +85,6 @@ _HEAD_ARGS = ("start_positions", "labels")  # heads whose loss may read padded p
 # ----------------------------------------------------------------------------------------------------------------
 # The fused forwards. Each reads the HF module's own Parameters; none copies a weight.
 # ----------------------------------------------------------------------------------------------------------------
-
-def _plain(lin: nn.Module) -> bool:
-    """A bare nn.Linear with a bias and no hooks: its weight and bias may go straight into a fused op."""
-    return type(lin) is nn.Linear and lin.bias is not None and not (lin._forward_hooks or lin._forward_pre_hooks)
-
 
 def _drop(dropout: nn.Module) -> float:
     """The probability an HF nn.Dropout module would apply now (0 in eval mode)."""

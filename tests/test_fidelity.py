@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+import _hf_models
 import fastdistil
 from fastdistil import (FastStudent, FastStudentForQuestionAnswering, FastStudentForSequenceClassification,
                         FastStudentForTokenClassification)
@@ -33,23 +34,12 @@ def backends():
 
 
 def tiny_config(attn="sdpa", **kw):
-    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
-                attn_implementation=attn)
-    base.update(kw)
-    return transformers.BertConfig(**base)
+    return _hf_models.tiny_config(attn_implementation=attn, **kw)
 
 
-def build(cls=transformers.BertModel, seed=1, **kw):
-    torch.manual_seed(seed)
-    m = cls(tiny_config(**kw)).eval()
-    with torch.no_grad():  # biases and LayerNorm affine away from their 0/1 init, so every one matters
-        for n, p in m.named_parameters():
-            if n.endswith("bias") or "LayerNorm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-            if n.endswith("word_embeddings.weight"):
-                p[0] = torch.randn_like(p[0])  # the pad token's row is trained in real checkpoints: make it count
-    return m
+def build(cls=transformers.BertModel, seed=1, attn="sdpa", **kw):
+    """A tiny BERT whose pad-token embedding row counts (left padding reads it)."""
+    return _hf_models.build(cls, seed, pad_row=True, attn_implementation=attn, **kw)
 
 
 def left_padded(L=9, seed=0):

@@ -378,15 +378,16 @@ def _launches(module, monkeypatch, run):
         if type(obj).__name__ in ("JITFunction", "InterpretedFunction"):
             monkeypatch.setattr(module, name, _Recorder(obj, log))
     run()
-    out = []
-    for fn, args, kwargs in log:
-        py = _py(fn)
-        params = inspect.signature(py).parameters
-        bound = dict(zip(params, args))
-        bound.update({k: v for k, v in kwargs.items() if k in params})
-        ann = {n: str(p.annotation) for n, p in params.items()}
-        out.append((fn, bound, ann, kwargs.get("num_warps"), kwargs.get("num_stages")))
-    return out
+    return [(fn, *_bind(fn, args, kwargs)) for fn, args, kwargs in log]
+
+
+def _bind(fn, args, kwargs):
+    """(arguments by parameter name, parameter annotations as strings, num_warps, num_stages) of a launch."""
+    params = inspect.signature(_py(fn)).parameters
+    bound = dict(zip(params, args))
+    bound.update({k: v for k, v in kwargs.items() if k in params})
+    ann = {n: str(p.annotation) for n, p in params.items()}
+    return bound, ann, kwargs.get("num_warps"), kwargs.get("num_stages")
 
 
 def _py(f):
@@ -447,13 +448,8 @@ def test_every_model_launch_is_a_built_configuration(dtype, monkeypatch):
         _model_launches(torch.float32 if dtype == "autocast" else dtype)
     seen = set()
     for fn, args, kwargs in log:
-        py = _py(fn)
-        params = inspect.signature(py).parameters
-        bound = dict(zip(params, args))
-        bound.update({k: v for k, v in kwargs.items() if k in params})
-        ann = {n: str(p.annotation) for n, p in params.items()}
-        mod = next(m for m in mods if getattr(m, py.__name__, None) is not None)
-        sp = _matching_spec(mod, fn, bound, ann, kwargs.get("num_warps"), kwargs.get("num_stages"))
+        mod = next(m for m in mods if getattr(m, _py(fn).__name__, None) is not None)
+        sp = _matching_spec(mod, fn, *_bind(fn, args, kwargs))
         seen.add(sp.name)
     assert {"attention_fwd", "attention_bwd", "_ln_bwd", "_embed_fwd", "_linear_fwd"} <= seen, seen
 

@@ -14,6 +14,8 @@ import fastdistil
 from fastdistil import ops
 from fastdistil.patch import is_patched, patch, patch_sentence_transformer, unpatch
 
+from _hf_models import build, tiny_config
+
 ATOL = 1e-5
 HF_MODULE = "transformers.models"
 TF4 = int(transformers.__version__.split(".")[0]) < 5  # CI also runs this file on the newest 4.x (make test-tf4)
@@ -24,23 +26,6 @@ def _torch_backend():
     """Behaviour tests run on the torch backend (the reference); test_backends_flow_through runs the others."""
     with fastdistil.use_backend("torch"):
         yield
-
-
-def tiny_config(**kw):  # head_dim 16: a size the triton attention kernel takes (it falls back below 16)
-    base = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
-    base.update(kw)
-    return transformers.BertConfig(**base)
-
-
-def build(cls=transformers.BertModel, seed=1, **kw):
-    torch.manual_seed(seed)
-    m = cls(tiny_config(**kw)).eval()
-    with torch.no_grad():  # biases and LayerNorm affine away from their 0/1 init, so every one matters
-        for n, p in m.named_parameters():
-            if n.endswith("bias") or "LayerNorm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return m
 
 
 def batch(B=4, L=11, vocab=97, seed=0):
