@@ -25,13 +25,11 @@ width in _CONFIGS, all built spill-free by `fastdistil check-kernels` (sm_80, sm
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .launch import check_grid, on_tensor_device
+from .launch import cdiv, check_grid, interpreting, next_power_of_2, on_tensor_device
 from .spec import CompileSpec, Cost
 
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": no inf - inf = nan in the online rescale
@@ -58,6 +56,52 @@ def _base(start, b, r, s_b, s_l, s_r, VARLEN: tl.constexpr):
     else:
         off = b.to(tl.int64) * s_b + r * s_r
     return off
+
+
+@triton.jit
+def _program(CU, L, VARLEN: tl.constexpr):
+    """(sequence b, row block, relation head r, first row, length) of this program; sequences on axis 0, so more
+    than 65,535 of them launch."""
+    b = tl.program_id(0)
+    r = tl.program_id(2).to(tl.int64)
+    start, seqlen = _seq_bounds(CU, b, L, VARLEN)
+    return b, tl.program_id(1), r, start, seqlen
+
+
+@triton.jit
+def _bases(start, b, r, sat_b, sat_l, sat_r, sbt_b, sbt_l, sbt_r, sas_b, sas_l, sas_r, sbs_b, sbs_l, sbs_r,
+           VARLEN: tl.constexpr):
+    """_base of the four inputs AT, BT, AS, BS."""
+    return (_base(start, b, r, sat_b, sat_l, sat_r, VARLEN), _base(start, b, r, sbt_b, sbt_l, sbt_r, VARLEN),
+            _base(start, b, r, sas_b, sas_l, sas_r, VARLEN), _base(start, b, r, sbs_b, sbs_l, sbs_r, VARLEN))
+
+
+@triton.jit
+def _real(MASK, start, offs, seqlen, HAS_MASK: tl.constexpr):
+    """(inside the sequence, real token) flags of rows `offs` of the sequence starting at `start`."""
+    inside = offs < seqlen
+    real = inside
+    if HAS_MASK:
+        real = inside & (tl.load(MASK + start + offs, mask=inside, other=0) != 0)
+    return inside, real
+
+
+@triton.jit
+def _logits(a_t, b_t, a_s, b_s, scale_t, scale_s, PREC: tl.constexpr):
+    """Teacher and student relation logits of one block: (a b^T) * c, fp32 accumulation."""
+    s_t = tl.dot(a_t, tl.trans(b_t), input_precision=PREC) * scale_t
+    s_s = tl.dot(a_s, tl.trans(b_s), input_precision=PREC) * scale_s
+    return s_t, s_s
+
+
+@triton.jit
+def _row_stats(LSE_T, LSE_S, G, sg_r, sg_n, r, N, start, offs, inside, real, scale_s):
+    """The forward's saved logsumexps of rows `offs` and their incoming KL gradient (times c_s, 0 off real rows)."""
+    rows = r * N + start + offs
+    lse_t = tl.load(LSE_T + rows, mask=inside, other=0.0)
+    lse_s = tl.load(LSE_S + rows, mask=inside, other=0.0)
+    g = tl.load(G + r * sg_r + (start + offs) * sg_n, mask=inside, other=0.0).to(tl.float32)
+    return lse_t, lse_s, tl.where(real, g * scale_s, 0.0)
 
 
 @triton.jit
@@ -89,21 +133,13 @@ def _relation_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    b = tl.program_id(0)                      # sequences on axis 0: more than 65,535 of them launch
-    pid_m = tl.program_id(1)
-    r = tl.program_id(2).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, b, L, VARLEN)
+    b, pid_m, r, start, seqlen = _program(CU, L, VARLEN)
     if pid_m * BLOCK_M >= seqlen:
         return
-    bat = _base(start, b, r, sat_b, sat_l, sat_r, VARLEN)
-    bbt = _base(start, b, r, sbt_b, sbt_l, sbt_r, VARLEN)
-    bas = _base(start, b, r, sas_b, sas_l, sas_r, VARLEN)
-    bbs = _base(start, b, r, sbs_b, sbs_l, sbs_r, VARLEN)
+    bat, bbt, bas, bbs = _bases(start, b, r, sat_b, sat_l, sat_r, sbt_b, sbt_l, sbt_r, sas_b, sas_l, sas_r,
+                                sbs_b, sbs_l, sbs_r, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_m = offs_m < seqlen
-    real_m = in_m
-    if HAS_MASK:
-        real_m = in_m & (tl.load(MASK + start + offs_m, mask=in_m, other=0) != 0)
+    in_m, real_m = _real(MASK, start, offs_m, seqlen, HAS_MASK)
     a_t = _tile(AT, bat, offs_m, in_m, sat_l, DT, BLOCK_DT, DOT_F32)  # (BLOCK_M, BLOCK_DT)
     a_s = _tile(AS, bas, offs_m, in_m, sas_l, DS, BLOCK_DS, DOT_F32)  # (BLOCK_M, BLOCK_DS)
     m_t = tl.full((BLOCK_M,), _NEG, tl.float32)
@@ -113,14 +149,10 @@ def _relation_fwd_kernel(
     acc = tl.zeros((BLOCK_M,), tl.float32)  # sum_j exp(s_t,ij - m_t,i) * (s_t,ij - s_s,ij)
     for n0 in range(0, seqlen, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_n = offs_n < seqlen
-        real_n = in_n
-        if HAS_MASK:
-            real_n = in_n & (tl.load(MASK + start + offs_n, mask=in_n, other=0) != 0)
+        in_n, real_n = _real(MASK, start, offs_n, seqlen, HAS_MASK)
         b_t = _tile(BT, bbt, offs_n, in_n, sbt_l, DT, BLOCK_DT, DOT_F32)  # (BLOCK_N, BLOCK_DT)
         b_s = _tile(BS, bbs, offs_n, in_n, sbs_l, DS, BLOCK_DS, DOT_F32)
-        s_t = tl.dot(a_t, tl.trans(b_t), input_precision=PREC) * scale_t  # (BLOCK_M, BLOCK_N) fp32
-        s_s = tl.dot(a_s, tl.trans(b_s), input_precision=PREC) * scale_s
+        s_t, s_s = _logits(a_t, b_t, a_s, b_s, scale_t, scale_s, PREC)  # (BLOCK_M, BLOCK_N) fp32
         ok = real_n[None, :]
         s_t_ok = tl.where(ok, s_t, _NEG)  # masked keys: exp(_NEG - m) is 0 (or 1, zeroed below), never inf
         s_s_ok = tl.where(ok, s_s, _NEG)
@@ -151,144 +183,91 @@ def _relation_fwd_kernel(
 # + lse_s,i, dKL_i/ds_s,ij = p_s,ij - p_t,ij. So with g_i the incoming gradient of KL_i,
 #     dS_ij = g_i (p_s,ij - p_t,ij) c_s,     dA_s = dS B_s,     dB_s = dS^T A_s,
 # p_t = exp(s_t - lse_t), p_s = exp(s_s - lse_s) recomputed from the saved float32 logsumexps. The tensor-core
-# dots take p_s - p_t (bounded by 1) in the input dtype and g is applied in fp32 around them (see the dB kernel).
-# _relation_bwd_da_kernel walks query blocks (dA_s rows, keys streamed); _relation_bwd_db_kernel walks key
+# dots take p_s - p_t (bounded by 1) in the input dtype and g is applied in fp32 around them (see the dB branch).
+# One kernel, two launches: WRT_B=False walks query blocks (dA_s rows, keys streamed), WRT_B=True walks key
 # blocks (dB_s rows, queries streamed): no atomics, every gradient row written exactly once.
 @triton.jit
-def _relation_bwd_da_kernel(
+def _relation_bwd_kernel(
     AT, BT, AS, BS,
     sat_b: tl.int64, sat_l: tl.int64, sat_r: tl.int64,
     sbt_b: tl.int64, sbt_l: tl.int64, sbt_r: tl.int64,
     sas_b: tl.int64, sas_l: tl.int64, sas_r: tl.int64,
     sbs_b: tl.int64, sbs_l: tl.int64, sbs_r: tl.int64,
-    CU, MASK,
-    LSE_T, LSE_S,                # *fp32 (R, N) from the forward
+    CU, MASK, LSE_T, LSE_S,      # cu_seqlens, mask, and the forward's *fp32 (R, N) logsumexps
     G,                           # *fp32 (R, N) incoming gradient of KL, strides sg_r, sg_n (may be 0)
     sg_r: tl.int64, sg_n: tl.int64,
-    DA,                          # *dtype out: gradient of AS, laid out like AS with strides sda_*
-    sda_b: tl.int64, sda_l: tl.int64, sda_r: tl.int64,
+    DX,                          # *dtype out: gradient of AS (WRT_B False) or BS (True), strides sdx_*
+    sdx_b: tl.int64, sdx_l: tl.int64, sdx_r: tl.int64,
     N: tl.int64, L: tl.int32,
     scale_t: tl.float32, scale_s: tl.float32,
     DT: tl.constexpr, DS: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+    WRT_B: tl.constexpr,
 ):
-    b = tl.program_id(0)                      # sequences on axis 0: more than 65,535 of them launch
-    pid_m = tl.program_id(1)
-    r = tl.program_id(2).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, b, L, VARLEN)
-    if pid_m * BLOCK_M >= seqlen:
+    b, pid, r, start, seqlen = _program(CU, L, VARLEN)
+    if WRT_B:
+        first = pid * BLOCK_N
+    else:
+        first = pid * BLOCK_M
+    if first >= seqlen:
         return
-    bat = _base(start, b, r, sat_b, sat_l, sat_r, VARLEN)
-    bbt = _base(start, b, r, sbt_b, sbt_l, sbt_r, VARLEN)
-    bas = _base(start, b, r, sas_b, sas_l, sas_r, VARLEN)
-    bbs = _base(start, b, r, sbs_b, sbs_l, sbs_r, VARLEN)
-    bda = _base(start, b, r, sda_b, sda_l, sda_r, VARLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_m = offs_m < seqlen
-    real_m = in_m
-    if HAS_MASK:
-        real_m = in_m & (tl.load(MASK + start + offs_m, mask=in_m, other=0) != 0)
-    rows = r * N + start + offs_m
-    lse_t = tl.load(LSE_T + rows, mask=in_m, other=0.0)
-    lse_s = tl.load(LSE_S + rows, mask=in_m, other=0.0)
-    g = tl.load(G + r * sg_r + (start + offs_m) * sg_n, mask=in_m, other=0.0).to(tl.float32)
-    g = tl.where(real_m, g * scale_s, 0.0)
-    a_t = _tile(AT, bat, offs_m, in_m, sat_l, DT, BLOCK_DT, DOT_F32)
-    a_s = _tile(AS, bas, offs_m, in_m, sas_l, DS, BLOCK_DS, DOT_F32)
-    da = tl.zeros((BLOCK_M, BLOCK_DS), tl.float32)
-    for n0 in range(0, seqlen, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        in_n = offs_n < seqlen
-        real_n = in_n
-        if HAS_MASK:
-            real_n = in_n & (tl.load(MASK + start + offs_n, mask=in_n, other=0) != 0)
-        b_t = _tile(BT, bbt, offs_n, in_n, sbt_l, DT, BLOCK_DT, DOT_F32)
-        b_s = _tile(BS, bbs, offs_n, in_n, sbs_l, DS, BLOCK_DS, DOT_F32)
-        s_t = tl.dot(a_t, tl.trans(b_t), input_precision=PREC) * scale_t
-        s_s = tl.dot(a_s, tl.trans(b_s), input_precision=PREC) * scale_s
-        ok = real_m[:, None] & real_n[None, :]
-        p_t = tl.where(ok, tl.exp(s_t - lse_t[:, None]), 0.0)
-        p_s = tl.where(ok, tl.exp(s_s - lse_s[:, None]), 0.0)
-        dp = p_s - p_t  # (BLOCK_M, BLOCK_N), |dp| <= 1: safe to round to fp16 (g_i * dp could underflow)
-        da += tl.dot(dp.to(b_s.dtype), b_s, input_precision=PREC)
-    da = da * g[:, None]
+    bat, bbt, bas, bbs = _bases(start, b, r, sat_b, sat_l, sat_r, sbt_b, sbt_l, sbt_r, sas_b, sas_l, sas_r,
+                                sbs_b, sbs_l, sbs_r, VARLEN)
+    if WRT_B:
+        offs = first + tl.arange(0, BLOCK_N)
+        in_n, real_n = _real(MASK, start, offs, seqlen, HAS_MASK)
+        b_t = _tile(BT, bbt, offs, in_n, sbt_l, DT, BLOCK_DT, DOT_F32)  # (BLOCK_N, BLOCK_DT)
+        b_s = _tile(BS, bbs, offs, in_n, sbs_l, DS, BLOCK_DS, DOT_F32)
+        db = tl.zeros((BLOCK_N, BLOCK_DS), tl.float32)
+        for m0 in range(0, seqlen, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            in_m, real_m = _real(MASK, start, offs_m, seqlen, HAS_MASK)
+            lse_t, lse_s, g = _row_stats(LSE_T, LSE_S, G, sg_r, sg_n, r, N, start, offs_m, in_m, real_m,
+                                         scale_s)
+            a_t = _tile(AT, bat, offs_m, in_m, sat_l, DT, BLOCK_DT, DOT_F32)
+            a_s = _tile(AS, bas, offs_m, in_m, sas_l, DS, BLOCK_DS, DOT_F32)
+            # Transposed relation blocks (keys x queries), as FlashAttention-2 computes dK: the gradient dot then
+            # takes dS^T directly, with no transpose of a computed fp32 tile (that spilled heavily for fp32).
+            s_tT, s_sT = _logits(b_t, a_t, b_s, a_s, scale_t, scale_s, PREC)  # (BLOCK_N, BLOCK_M)
+            okT = real_n[:, None] & real_m[None, :]
+            p_tT = tl.where(okT, tl.exp(s_tT - lse_t[None, :]), 0.0)
+            p_sT = tl.where(okT, tl.exp(s_sT - lse_s[None, :]), 0.0)
+            # g varies along the streamed rows, so it cannot be applied after the dot: normalise it by the block's
+            # largest |g| (a mean's 1/(R*N) would underflow fp16 times small dp) and scale back in fp32.
+            g_ref = tl.max(tl.abs(g), axis=0)
+            g_ref = tl.where(g_ref > 0.0, g_ref, 1.0)
+            dsT = (g / g_ref)[None, :] * (p_sT - p_tT)  # (BLOCK_N, BLOCK_M)
+            db += g_ref * tl.dot(dsT.to(a_s.dtype), a_s, input_precision=PREC)
+        dx, inside = db, in_n
+    else:
+        offs = first + tl.arange(0, BLOCK_M)
+        in_m, real_m = _real(MASK, start, offs, seqlen, HAS_MASK)
+        lse_t, lse_s, g = _row_stats(LSE_T, LSE_S, G, sg_r, sg_n, r, N, start, offs, in_m, real_m, scale_s)
+        a_t = _tile(AT, bat, offs, in_m, sat_l, DT, BLOCK_DT, DOT_F32)
+        a_s = _tile(AS, bas, offs, in_m, sas_l, DS, BLOCK_DS, DOT_F32)
+        da = tl.zeros((BLOCK_M, BLOCK_DS), tl.float32)
+        for n0 in range(0, seqlen, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            in_n, real_n = _real(MASK, start, offs_n, seqlen, HAS_MASK)
+            b_t = _tile(BT, bbt, offs_n, in_n, sbt_l, DT, BLOCK_DT, DOT_F32)
+            b_s = _tile(BS, bbs, offs_n, in_n, sbs_l, DS, BLOCK_DS, DOT_F32)
+            s_t, s_s = _logits(a_t, b_t, a_s, b_s, scale_t, scale_s, PREC)
+            ok = real_m[:, None] & real_n[None, :]
+            p_t = tl.where(ok, tl.exp(s_t - lse_t[:, None]), 0.0)
+            p_s = tl.where(ok, tl.exp(s_s - lse_s[:, None]), 0.0)
+            dp = p_s - p_t  # (BLOCK_M, BLOCK_N), |dp| <= 1: safe to round to fp16 (g_i * dp could underflow)
+            da += tl.dot(dp.to(b_s.dtype), b_s, input_precision=PREC)
+        dx, inside = da * g[:, None], in_m
     d = tl.arange(0, BLOCK_DS)
-    tl.store(DA + bda + offs_m[:, None].to(tl.int64) * sda_l + d[None, :], da.to(DA.dtype.element_ty),
-             mask=in_m[:, None] & (d[None, :] < DS))
-
-
-@triton.jit
-def _relation_bwd_db_kernel(
-    AT, BT, AS, BS,
-    sat_b: tl.int64, sat_l: tl.int64, sat_r: tl.int64,
-    sbt_b: tl.int64, sbt_l: tl.int64, sbt_r: tl.int64,
-    sas_b: tl.int64, sas_l: tl.int64, sas_r: tl.int64,
-    sbs_b: tl.int64, sbs_l: tl.int64, sbs_r: tl.int64,
-    CU, MASK,
-    LSE_T, LSE_S,
-    G, sg_r: tl.int64, sg_n: tl.int64,
-    DB,                          # *dtype out: gradient of BS, laid out like BS with strides sdb_*
-    sdb_b: tl.int64, sdb_l: tl.int64, sdb_r: tl.int64,
-    N: tl.int64, L: tl.int32,
-    scale_t: tl.float32, scale_s: tl.float32,
-    DT: tl.constexpr, DS: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
-):
-    b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    r = tl.program_id(2).to(tl.int64)
-    start, seqlen = _seq_bounds(CU, b, L, VARLEN)
-    if pid_n * BLOCK_N >= seqlen:
-        return
-    bat = _base(start, b, r, sat_b, sat_l, sat_r, VARLEN)
-    bbt = _base(start, b, r, sbt_b, sbt_l, sbt_r, VARLEN)
-    bas = _base(start, b, r, sas_b, sas_l, sas_r, VARLEN)
-    bbs = _base(start, b, r, sbs_b, sbs_l, sbs_r, VARLEN)
-    bdb = _base(start, b, r, sdb_b, sdb_l, sdb_r, VARLEN)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_n = offs_n < seqlen
-    real_n = in_n
-    if HAS_MASK:
-        real_n = in_n & (tl.load(MASK + start + offs_n, mask=in_n, other=0) != 0)
-    b_t = _tile(BT, bbt, offs_n, in_n, sbt_l, DT, BLOCK_DT, DOT_F32)  # (BLOCK_N, BLOCK_DT)
-    b_s = _tile(BS, bbs, offs_n, in_n, sbs_l, DS, BLOCK_DS, DOT_F32)
-    db = tl.zeros((BLOCK_N, BLOCK_DS), tl.float32)
-    for m0 in range(0, seqlen, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        in_m = offs_m < seqlen
-        real_m = in_m
-        if HAS_MASK:
-            real_m = in_m & (tl.load(MASK + start + offs_m, mask=in_m, other=0) != 0)
-        rows = r * N + start + offs_m
-        lse_t = tl.load(LSE_T + rows, mask=in_m, other=0.0)
-        lse_s = tl.load(LSE_S + rows, mask=in_m, other=0.0)
-        g = tl.load(G + r * sg_r + (start + offs_m) * sg_n, mask=in_m, other=0.0).to(tl.float32)
-        g = tl.where(real_m, g * scale_s, 0.0)
-        a_t = _tile(AT, bat, offs_m, in_m, sat_l, DT, BLOCK_DT, DOT_F32)
-        a_s = _tile(AS, bas, offs_m, in_m, sas_l, DS, BLOCK_DS, DOT_F32)
-        # Transposed relation blocks (keys x queries), as FlashAttention-2 computes dK: the gradient dot then takes
-        # dS^T directly, with no transpose of a computed fp32 tile (that one spilled heavily for fp32 on sm_80/90).
-        s_tT = tl.dot(b_t, tl.trans(a_t), input_precision=PREC) * scale_t  # (BLOCK_N, BLOCK_M)
-        s_sT = tl.dot(b_s, tl.trans(a_s), input_precision=PREC) * scale_s
-        okT = real_n[:, None] & real_m[None, :]
-        p_tT = tl.where(okT, tl.exp(s_tT - lse_t[None, :]), 0.0)
-        p_sT = tl.where(okT, tl.exp(s_sT - lse_s[None, :]), 0.0)
-        # g varies along the streamed rows, so it cannot be applied after the dot: normalise it by the block's
-        # largest |g| (a mean's 1/(R*N) would underflow fp16 once multiplied by small dp) and scale back in fp32.
-        g_ref = tl.max(tl.abs(g), axis=0)
-        g_ref = tl.where(g_ref > 0.0, g_ref, 1.0)
-        dsT = (g / g_ref)[None, :] * (p_sT - p_tT)  # (BLOCK_N, BLOCK_M)
-        db += g_ref * tl.dot(dsT.to(a_s.dtype), a_s, input_precision=PREC)
-    d = tl.arange(0, BLOCK_DS)
-    tl.store(DB + bdb + offs_n[:, None].to(tl.int64) * sdb_l + d[None, :], db.to(DB.dtype.element_ty),
-             mask=in_n[:, None] & (d[None, :] < DS))
+    bdx = _base(start, b, r, sdx_b, sdx_l, sdx_r, VARLEN)
+    tl.store(DX + bdx + offs[:, None].to(tl.int64) * sdx_l + d[None, :], dx.to(DX.dtype.element_ty),
+             mask=inside[:, None] & (d[None, :] < DS))
 
 
 # ----------------------------------------------------------------------------------------------- launchers
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 # Tile configurations (BLOCK_M, BLOCK_N, num_warps) by dtype class, kernel and the summed padded relation-head
@@ -323,7 +302,7 @@ def _prec(dtype) -> str:
 
 
 def _dot_f32(dtype) -> bool:
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def _strides(x):
@@ -371,7 +350,7 @@ def relation_forward(a_s, b_s, a_t, b_t, scale_s: float, scale_t: float, cu_seql
         raise ValueError(f"relation-head widths up to {MAX_HEAD_DIM} are supported, got teacher {Dt}, student {Ds}")
     bm, bn, warps = _config(Dt, Ds, _dtype_class(a_s.dtype), "fwd")
     cu, mk = _aux(cu_seqlens if varlen else None, mask, a_s.device)
-    grid = check_grid((B, triton.cdiv(L, bm), R))
+    grid = check_grid((B, cdiv(L, bm), R))
     _relation_fwd_kernel[grid](
         a_t, b_t, a_s, b_s, *_strides(a_t), *_strides(b_t), *_strides(a_s), *_strides(b_s),
         cu, mk, kl, lse_t, lse_s, N, L,
@@ -411,15 +390,15 @@ def relation_backward(grad_kl, a_s, b_s, a_t, b_t, lse_t, lse_s, scale_s: float,
         if empty:
             da.zero_()
         else:
-            _relation_bwd_da_kernel[check_grid((B, triton.cdiv(L, bm), R))](*common, da, *_strides(da), N, L, scale_t, scale_s,
-                                                                **consts)
+            _relation_bwd_kernel[check_grid((B, cdiv(L, bm), R))](*common, da, *_strides(da), N, L, scale_t,
+                                                                         scale_s, WRT_B=False, **consts)
     if need_b:
         db = torch.empty(b_s.shape, dtype=b_s.dtype, device=b_s.device)
         if empty:
             db.zero_()
         else:
-            _relation_bwd_db_kernel[check_grid((B, triton.cdiv(L, bn), R))](*common, db, *_strides(db), N, L, scale_t, scale_s,
-                                                                **consts)
+            _relation_bwd_kernel[check_grid((B, cdiv(L, bn), R))](*common, db, *_strides(db), N, L, scale_t,
+                                                                         scale_s, WRT_B=True, **consts)
     return da, db
 
 
@@ -440,25 +419,25 @@ def _signature(ty: str, kind: str) -> dict:
     if kind == "fwd":
         sig.update({"KL": "*fp32", "LSE_T": "*fp32", "LSE_S": "*fp32"})
     else:
-        out = "DA" if kind == "da" else "DB"
         sig.update({"LSE_T": "*fp32", "LSE_S": "*fp32", "G": "*fp32", "sg_r": "i64", "sg_n": "i64",
-                    out: f"*{ty}", f"s{out.lower()}_b": "i64", f"s{out.lower()}_l": "i64",
-                    f"s{out.lower()}_r": "i64"})
+                    "DX": f"*{ty}", "sdx_b": "i64", "sdx_l": "i64", "sdx_r": "i64"})
     sig.update({"N": "i64", "L": "i32", "scale_t": "fp32", "scale_s": "fp32"})
     for c in ("DT", "DS", "BLOCK_DT", "BLOCK_DS", "BLOCK_M", "BLOCK_N", "VARLEN", "HAS_MASK", "DOT_F32", "PREC"):
         sig[c] = "constexpr"
+    if kind != "fwd":
+        sig["WRT_B"] = "constexpr"
     return sig
 
 
 # Arguments the JIT launcher sees 16-divisible for aligned tensors of the model's shapes (pointers, row strides:
 # 3*d of a fused QKV view or H*D; relation-head strides of 16-wide multiples).
 _ALIGNED = {k: ("AT", "BT", "AS", "BS", "LSE_T", "LSE_S", "sat_l", "sbt_l", "sas_l", "sbs_l")
-            + {"fwd": ("KL",), "da": ("DA", "sda_l"), "db": ("DB", "sdb_l")}[k] for k in ("fwd", "da", "db")}
+            + (("KL",) if k == "fwd" else ("DX", "sdx_l")) for k in ("fwd", "da", "db")}
 
 
 def compile_specs() -> list[CompileSpec]:
     """dtype x (Dt, Ds) x {varlen, padded+mask} x {fwd, dA, dB}, with the launchers' own tile choice."""
-    kernels = {"fwd": _relation_fwd_kernel, "da": _relation_bwd_da_kernel, "db": _relation_bwd_db_kernel}
+    kernels = {"fwd": _relation_fwd_kernel, "da": _relation_bwd_kernel, "db": _relation_bwd_kernel}
     specs = []
     for ty in _TY:
         for dt, ds in _DIMS:
@@ -469,6 +448,8 @@ def compile_specs() -> list[CompileSpec]:
                     consts = {"DT": dt, "DS": ds, "BLOCK_DT": _block_d(dt), "BLOCK_DS": _block_d(ds),
                               "BLOCK_M": bm, "BLOCK_N": bn, "VARLEN": varlen, "HAS_MASK": has_mask,
                               "DOT_F32": False, "PREC": "ieee" if ty == "fp32" else "tf32"}
+                    if kind != "fwd":
+                        consts["WRT_B"] = kind == "db"
                     specs.append(CompileSpec(
                         fn.__name__, fn, _signature(ty, kind), consts,
                         f"{ty} Dt={dt} Ds={ds} {'varlen' if varlen else 'padded+mask' if has_mask else 'padded'} "

@@ -192,12 +192,12 @@ def test_specs_cover_every_launcher_choice_and_cost():
     from fastdistil.kernels import relation as K
     specs = K.compile_specs()
     names = {sp.name for sp in specs}
-    assert names == {"_relation_fwd_kernel", "_relation_bwd_da_kernel", "_relation_bwd_db_kernel"}
+    assert names == {"_relation_fwd_kernel", "_relation_bwd_kernel"}
     for sp in specs:  # every signature names exactly the kernel's parameters
         assert list(sp.signature) == list(sp.fn.arg_names), sp.config
     built = {(sp.name, sp.signature["AS"], sp.constexprs["BLOCK_M"], sp.constexprs["BLOCK_N"], sp.num_warps,
               sp.constexprs["VARLEN"], sp.constexprs["HAS_MASK"]) for sp in specs}
-    kinds = {"_relation_fwd_kernel": "fwd", "_relation_bwd_da_kernel": "bwd", "_relation_bwd_db_kernel": "bwd"}
+    kinds = {"_relation_fwd_kernel": "fwd", "_relation_bwd_kernel": "bwd"}
     for dt in range(1, K.MAX_HEAD_DIM + 1, 7):
         for ds in range(1, K.MAX_HEAD_DIM + 1, 5):
             for ty in ("*fp16", "*bf16", "*fp32"):
