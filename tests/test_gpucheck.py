@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fastdistil import gpucheck as G
+from fastdistil import gpucheck_report as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
@@ -89,7 +90,7 @@ def test_summary_tables_and_one_line(tmp_path):
     (tmp_path / "model-perf-A.json").write_text(json.dumps({
         "fastdistil": {"forward": {"whole_model": {"time_eager_s": 1e-3, "time_graph_s": 5e-4}}},
         "transformers": {"eager": {"forward": {"totals": {"time_eager_s": 4e-3, "time_graph_s": 2e-3}}}}}))
-    s = G.summarize(run, {"date": "today", "gpu": "TestGPU"})
+    s = R.summarize(run, {"date": "today", "gpu": "TestGPU"})
     t = s["tests"]
     assert (t["passed"], t["failed"], t["errors"], t["skipped"]) == (1, 1, 1, 1)
     assert [f["test"] for f in t["failures"]] == ["b", "d"] and t["skip_reasons"] == {"needs two GPUs": 1}
@@ -99,7 +100,7 @@ def test_summary_tables_and_one_line(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "TestGPU" in md and "**workload A** table" in md and "FAILED `b`" in md and "bench-C (timeout" in md
     assert "| A | fastdistil-triton-bf16 | 2.000 | 1.000 | 0.500 | -50% |" in md
-    line = G.one_line(s, str(tmp_path), "x.tgz")
+    line = R.one_line(s, str(tmp_path), "x.tgz")
     assert "tests 1 passed, 2 failed, 1 skipped" in line and "(2.00x)" in line
     assert "DISAGREE A:fastdistil-triton-fp16" in line and "parts not ok: bench-C" in line
     assert json.loads((tmp_path / "summary.json").read_text())["tests"]["passed"] == 1
@@ -107,9 +108,10 @@ def test_summary_tables_and_one_line(tmp_path):
 
 def test_profile_families():
     names = {"_attn_fwd": "attention"}
-    assert G.family("_attn_fwd", names) == "attention"
-    assert G.family("nvjet_hsh_128x64_64x4_1x2_h_bz_coopA_NTN", names) == "gemm"
-    assert G.family("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", names) == "gemm"
-    assert G.family("void at::native::vectorized_elementwise_kernel<4, ...>", names) == "torch"
-    fam = G._kernel_families()
-    assert fam and set(fam.values()) <= {"layer_norm", "gelu", "embedding", "attention", "kd", "relation", "matmul"}
+    assert R.family("_attn_fwd", names) == "attention"
+    assert R.family("nvjet_hsh_128x64_64x4_1x2_h_bz_coopA_NTN", names) == "gemm"
+    assert R.family("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", names) == "gemm"
+    assert R.family("void at::native::vectorized_elementwise_kernel<4, ...>", names) == "torch"
+    fam = R._kernel_families()
+    assert fam and set(fam.values()) <= {"layer_norm", "gelu", "embedding", "attention", "kd", "relation", "matmul",
+                                         "padding"}
