@@ -82,6 +82,13 @@ def _check_pair(student, teacher, what: str, same_last: bool = True):
         raise ValueError(f"{what}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} shapes differ")
 
 
+def _rows(student, teacher, mask, reduction: str, what: str, same_last: bool = True):
+    """The checks every row loss starts with (reduction, the pair, the mask); returns the mask over rows."""
+    _check_reduction(reduction)
+    _check_pair(student, teacher, what, same_last)
+    return _check_mask(mask, student.shape[:-1], student)
+
+
 # ---------------------------------------------------------------------------------------------- logits
 def kd_kl_loss(student_logits, teacher_logits, *, temperature: float, mask=None, reduction: str = "mean",
                weight: float = 1.0):
@@ -104,9 +111,7 @@ def kd_kl_loss(student_logits, teacher_logits, *, temperature: float, mask=None,
     Returns:
         A scalar (float32, float64 for float64 inputs), or (...) per row for reduction="none"; includes T^2.
     """
-    _check_reduction(reduction)
-    _check_pair(student_logits, teacher_logits, "kd_kl_loss")
-    m = _check_mask(mask, student_logits.shape[:-1], student_logits)
+    m = _rows(student_logits, teacher_logits, mask, reduction, "kd_kl_loss")
     per_row = ops.kd_kl_rows(student_logits, _target(teacher_logits), float(temperature), m)
     return _reduce_rows(per_row * (float(temperature) ** 2), m, reduction, weight)
 
@@ -123,9 +128,7 @@ def logit_mse_loss(student_logits, teacher_logits, *, mask=None, reduction: str 
     Returns:
         A scalar, or (...) per row for reduction="none".
     """
-    _check_reduction(reduction)
-    _check_pair(student_logits, teacher_logits, "logit_mse_loss")
-    m = _check_mask(mask, student_logits.shape[:-1], student_logits)
+    m = _rows(student_logits, teacher_logits, mask, reduction, "logit_mse_loss")
     c = _compute_dtype(student_logits)
     per_row = (student_logits.to(c) - _target(teacher_logits).to(c)).pow(2).mean(-1)
     return _reduce_rows(per_row, m, reduction, weight)
@@ -458,9 +461,7 @@ def embedding_cosine_loss(student_emb, teacher_emb, *, mask=None, reduction: str
     Returns:
         A scalar, or (...) per row for reduction="none".
     """
-    _check_reduction(reduction)
-    _check_pair(student_emb, teacher_emb, "embedding_cosine_loss")
-    m = _check_mask(mask, student_emb.shape[:-1], student_emb)
+    m = _rows(student_emb, teacher_emb, mask, reduction, "embedding_cosine_loss")
     c = _compute_dtype(student_emb)
     s = student_emb.to(c)
     t = _target(teacher_emb).to(c)
@@ -483,9 +484,7 @@ def embedding_mse_loss(student_emb, teacher_emb, *, projection=None, mask=None, 
     Returns:
         A scalar, or (...) per row for reduction="none".
     """
-    _check_reduction(reduction)
-    _check_pair(student_emb, teacher_emb, "embedding_mse_loss", same_last=False)
-    m = _check_mask(mask, student_emb.shape[:-1], student_emb)
+    m = _rows(student_emb, teacher_emb, mask, reduction, "embedding_mse_loss", same_last=False)
     p = student_emb if projection is None else projection(student_emb)
     if p.shape[-1] != teacher_emb.shape[-1]:
         raise ValueError(f"student width {p.shape[-1]} != teacher width {teacher_emb.shape[-1]}: pass a projection")
