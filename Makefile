@@ -64,11 +64,12 @@ test: setup
 # CI builds every configuration for sm_80 and sm_90 with the divisibility hints aligned tensors get (what BERT
 # widths launch; ~1,000 builds, ~4.5 min on 2 cores); check-kernels-full adds the variants without hints (~2,000
 # builds, ~9 min): run it when kernels or their configurations change.
+CK_JOBS ?= 2
 check-kernels: setup
-	$(BIN)/fastdistil check-kernels --arch 80,90 --align aligned
+	$(BIN)/fastdistil check-kernels --arch 80,90 --align aligned --jobs $(CK_JOBS)
 
 check-kernels-full: setup
-	$(BIN)/fastdistil check-kernels --arch 80,90 --align aligned,unaligned
+	$(BIN)/fastdistil check-kernels --arch 80,90 --align aligned,unaligned --jobs $(CK_JOBS)
 
 bench: setup
 	$(BIN)/python -m pytest -q benchmarks --benchmark-only

@@ -267,7 +267,7 @@ def one_line(s: dict, out: str, tar: str | None) -> str:
             parts.append(f"{w}: fastdistil bf16 {fd['median_ms']:.2f} ms vs sdpa bf16 {sd['median_ms']:.2f} ms "
                          f"({sd['median_ms'] / fd['median_ms']:.2f}x)")
     disagree = [f"{w[len('bench-'):]}:{r['engine']}" for w, rows in s["bench"].items() for r in rows
-                if r.get("status") == "ok" and not r.get("agrees")]
+                if r.get("status") == "ok" and not r.get("agrees") and r.get("checked") != "n/a"]
     if disagree:
         parts.append("DISAGREE " + ",".join(disagree))
     bad = [n for n, p in s["parts"].items() if p.get("status") != "ok"]

@@ -148,7 +148,9 @@ def _run(wl, ctx, names, rounds, bar) -> dict:
                 eng.setup(ctx)
             row["setup_s"] = round(time.perf_counter() - t, 2)
             out = eng.check()
-            if ref is not None:
+            if out is None:  # nothing to compare (the GEMM floor: the encoder's GEMMs alone)
+                row.update(agrees=None, checked="n/a")
+            elif ref is not None:
                 agree = E.agreement(out, ref, ctx.seqlens if isinstance(out, torch.Tensor) else None)
                 row.update(agree)
                 tol = E.tolerance(eng.precision)
@@ -214,6 +216,7 @@ def _run(wl, ctx, names, rounds, bar) -> dict:
     for row in rows:
         if row["status"] == "ok" and base is not None:
             row["ratio_vs_sdpa"] = base["median_ms"] / row["median_ms"]
+    _relative_to_peers(rows)
     return {"workload": wl.name, "kind": wl.kind, "summary": wl.summary(), "real_tokens": tokens,
             "ratio_base": base_name if base is not None else None,
             "padded_tokens": int(ctx.ids.numel()), "weights": ctx.weights, "rounds": len(next(iter(
@@ -234,6 +237,38 @@ def run(workloads, *, device="cpu", engines=None, rounds=5, threads=None, model=
         result["workloads"][w] = run_workload(w, device=device, engines=engines, rounds=rounds, threads=threads,
                                               model=model, progress=progress)
     return result
+
+
+def _relative_to_peers(rows: list[dict]) -> None:
+    """Per fastdistil row: its speed relative to ONNX Runtime's best configuration in this run (the fastest of
+    padded, bucketed and per-sequence, fp32) and the share of the GEMM floor of its precision it reaches
+    (floor time / its time; 1.0 would be an encoder that costs nothing but its GEMMs)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    ort = [r for r in ok if r["engine"].startswith("onnxruntime-") and r["precision"] == "fp32"]
+    best = min(ort, key=lambda r: r["median_ms"]) if ort else None
+    floors = {r["precision"]: r for r in ok if r["engine"].startswith("gemm-floor-")}
+    for r in ok:
+        if not r["engine"].startswith("fastdistil-"):
+            continue
+        if best is not None:
+            r["vs_ort_best"], r["ort_best"] = best["median_ms"] / r["median_ms"], best["engine"]
+        floor = floors.get(r["precision"].replace("-autocast", ""))
+        if floor is not None:
+            r["of_gemm_floor"] = floor["median_ms"] / r["median_ms"]
+
+
+def peer_lines(wres: dict) -> list[str]:
+    """One line per fastdistil engine: x ONNX Runtime best, % of the GEMM floor (where those ran)."""
+    out = []
+    for r in wres["rows"]:
+        parts = []
+        if r.get("vs_ort_best") is not None:
+            parts.append(f"{r['vs_ort_best']:.2f}x ONNX Runtime best ({r['ort_best']})")
+        if r.get("of_gemm_floor") is not None:
+            parts.append(f"{100 * r['of_gemm_floor']:.0f}% of the GEMM floor")
+        if parts:
+            out.append(f"{r['engine']}: " + ", ".join(parts))
+    return out
 
 
 def _fmt(v, spec, missing="-", suffix=""):
@@ -266,8 +301,8 @@ def format_table(wres: dict) -> list[str]:
             extra += f" loss {r['loss']:.4f}"
         lines.append(f"{r['engine']:<32} {r['median_ms']:>10.2f} {spread:>17} {r['tokens_per_s']:>11,.0f} "
                      f"{_fmt(r.get('ratio_vs_sdpa'), '.2f', suffix='x'):>8} {_fmt(r.get('max_abs_diff'), '.2e'):>12}  "
-                     f"{'yes' if r.get('agrees') else 'NO'}{extra}")
-    notes = []
+                     f"{'n/a' if r.get('checked') == 'n/a' else 'yes' if r.get('agrees') else 'NO'}{extra}")
+    notes = peer_lines(wres)
     for r in wres["rows"]:
         if r.get("compile_s") is not None:
             notes.append(f"{r['engine']}: compiled in {r['compile_s']} s (not timed)")
@@ -297,7 +332,7 @@ def markdown(result: dict) -> str:
                 out.append(f"| {r['engine']} | {r['status']}: {r['reason']} | | | | | |")
                 continue
             p = 3 if r["median_ms"] < 1 else 2 if r["median_ms"] < 100 else 0
-            agree = "yes" if r.get("agrees") else "**NO**"
+            agree = "n/a" if r.get("checked") == "n/a" else "yes" if r.get("agrees") else "**NO**"
             if "min_cosine" in r and r["precision"] != "fp32":
                 agree += f" (cos {r['min_cosine']:.5f})"
             for k, label in (("saved_activation_MB", "saved "), ("peak_rss_MB", "peak RSS +"),
@@ -336,7 +371,7 @@ def plot(result: dict, path) -> None:
                 capsize=2)
         for i, r in enumerate(rows):
             tag = f" {r['ratio_vs_sdpa']:.2f}x" if r.get("ratio_vs_sdpa") else ""
-            tag += "" if r.get("agrees") else " (DISAGREES)"
+            tag += "" if r.get("agrees") or r.get("checked") == "n/a" else " (DISAGREES)"
             ax.text(r["median_ms"], i, tag, va="center", fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("median ms (lower is better)")
