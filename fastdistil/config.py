@@ -1,9 +1,12 @@
-"""FastStudentConfig: the BERT hyper-parameters fastdistil needs, read from and written to HF config.json."""
+"""FastStudentConfig: the encoder hyper-parameters fastdistil needs, read from and written to HF config.json in
+the spelling of its architecture (fastdistil/arch/: BERT, DistilBERT, RoBERTa, XLM-R)."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
+
+from . import arch as arch_registry
 
 _GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 # transformers' PretrainedConfig attributes that Trainer, PEFT, callbacks and model code read, with BertConfig's
@@ -39,6 +42,7 @@ class FastStudentConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     position_embedding_type: str = "absolute"
+    model_type: str = "bert"  # the architecture (fastdistil/arch/): config.json spelling, keys, embeddings variant
     # everything else config.json held (id2label, problem_type, ...), written back unchanged
     extra: dict = field(default_factory=dict)
 
@@ -60,6 +64,15 @@ class FastStudentConfig:
                f"one of BERT's GELU variants {sorted(_GELU)}, which fastdistil runs")
         _check("position_embedding_type", self.position_embedding_type, str, lambda v: v == "absolute",
                "'absolute' (the only kind fastdistil runs)")
+        _check("model_type", self.model_type, str, arch_registry.is_known,
+               f"one of the architectures fastdistil runs {sorted(arch_registry.ARCHS)}")
+        for name, value in self.arch.fixed:
+            if getattr(self, name) != value:
+                raise ValueError(f"config {name} must be {value!r} for model_type {self.model_type!r} (transformers "
+                                 f"fixes it), got {getattr(self, name)!r}")
+        if self.arch.offset_positions and self.pad_token_id is None:
+            raise ValueError(f"config pad_token_id must be set for model_type {self.model_type!r}: its position ids "
+                             "count from padding_idx + 1")
         if not isinstance(self.extra, dict):
             raise TypeError(f"config extra must be a dict, got {type(self.extra).__name__}")
         if self.hidden_size % self.num_attention_heads:
@@ -87,9 +100,33 @@ class FastStudentConfig:
             self.extra["id2label"] = {i: f"LABEL_{i}" for i in range(n)}
             self.extra["label2id"] = {f"LABEL_{i}": i for i in range(n)}
 
-    # ---- transformers' PretrainedConfig surface: config.json keys read and written as attributes
-    model_type = "bert"
+    @property
+    def arch(self) -> "arch_registry.Arch":
+        """The architecture's adapter (fastdistil/arch/<model_type>.py)."""
+        return arch_registry.get(self.model_type)
 
+    @property
+    def token_types(self) -> bool:
+        """The embeddings add a token-type table (BERT, RoBERTa); DistilBERT has none."""
+        return self.arch.token_types
+
+    @property
+    def position_offset(self) -> int | None:
+        """First position id of a real token when computed from the ids (RoBERTa: padding_idx + 1), or None when
+        default positions are 0..L-1 (BERT, DistilBERT)."""
+        return self.pad_token_id + 1 if self.arch.offset_positions else None
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence the position table serves: max_position_embeddings, less RoBERTa's offset."""
+        return self.max_position_embeddings - (self.position_offset or 0)
+
+    @property
+    def sinusoidal_positions(self) -> bool:
+        """A fresh model's position table starts sinusoidal (DistilBERT's sinusoidal_pos_embds)."""
+        return bool(self.extra.get("sinusoidal_pos_embds", False))
+
+    # ---- transformers' PretrainedConfig surface: config.json keys read and written as attributes
     def __getattr__(self, name):  # only reached when ordinary lookup fails
         extra = self.__dict__.get("extra")
         if name.startswith("__") or extra is None:
@@ -151,6 +188,8 @@ class FastStudentConfig:
     def from_dict(cls, d: dict) -> "FastStudentConfig":
         if not isinstance(d, dict):
             raise TypeError(f"a config is a JSON object (dict), got {type(d).__name__}")
+        arch = arch_registry.get(d.get("model_type"))  # other BERT derivatives load (and save) as BERT
+        d = {**arch.config_from_hf(d), "model_type": arch.model_type}
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
@@ -161,14 +200,13 @@ class FastStudentConfig:
     def to_dict(self) -> dict:
         d = dict(self.extra)
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
-        d["model_type"] = "bert"
-        d.setdefault("architectures", ["BertModel"])
-        return d
+        return self.arch.config_to_hf(d)
 
     @classmethod
     def from_hf(cls, hf_config) -> "FastStudentConfig":
         return cls.from_dict(hf_config.to_dict())
 
     def to_hf(self):
-        from transformers import BertConfig
-        return BertConfig(**self.to_dict())
+        """transformers' config of this architecture (BertConfig, DistilBertConfig, RobertaConfig, ...)."""
+        import transformers
+        return getattr(transformers, self.arch.hf_config)(**self.to_dict())

@@ -74,12 +74,11 @@ def encode(model, texts, tokenizer=None, *, batch_size: int = 64, normalize: boo
     tok = tokenizer or load_tokenizer(model)
     st = sentence_settings(model)
     max_length = max_length or st["max_seq_length"] or model.config.max_position_embeddings
-    max_length = min(int(max_length), model.config.max_position_embeddings)
+    max_length = min(int(max_length), model.config.max_sequence_length)
     ids = tok(texts, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
     out = torch.empty(len(texts), model.config.hidden_size, dtype=torch.float32)
     from tqdm.auto import tqdm
-    dev = model.device
     # closed on the way out of an exception too (Ctrl-C): a bar left open redraws after the CLI's last line
     with tqdm(total=len(texts), desc="embedding", unit="text", disable=not show_progress) as bar:
         for start in range(0, len(order), batch_size):
@@ -90,7 +89,7 @@ def encode(model, texts, tokenizer=None, *, batch_size: int = 64, normalize: boo
             for r, i in enumerate(idx):
                 batch[r, :len(ids[i])] = torch.tensor(ids[i])
                 mask[r, :len(ids[i])] = 1
-            tids, tt, pos, p = model.prepare(batch.to(dev), mask.to(dev))
+            tids, tt, pos, p = model.prepare(batch, mask)  # host tensors: packed on the host, one copy to dev
             x, _ = model.forward_packed(tids, tt, pos, p)  # (T, d)
             e = pool_packed(x.float(), p.cu_seqlens, st["pooling"])
             if normalize:

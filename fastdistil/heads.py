@@ -1,4 +1,5 @@
-"""Task heads on FastStudent with transformers' keys, outputs and `labels=` losses."""
+"""Task heads on FastStudent with transformers' keys, outputs and `labels=` losses, for every architecture of
+fastdistil/arch/ (the encoder is always `self.bert`; the key maps give transformers' `distilbert.` / `roberta.`)."""
 from __future__ import annotations
 
 import torch
@@ -20,7 +21,7 @@ class _Head(PreTrainedSurface, nn.Module):
         super().__init__()
         self.config = config
         self.num_labels = config.num_labels
-        self.bert = FastStudent(config, add_pooling_layer=self.add_pooling_layer)
+        self.bert = FastStudent(config, add_pooling_layer=self.add_pooling_layer and config.arch.head_pooler)
 
     def _init_head(self, *linears):
         for m in linears:
@@ -34,26 +35,48 @@ class _Head(PreTrainedSurface, nn.Module):
 
     @property
     def hf_architecture(self) -> str:
-        return type(self).__name__.replace("FastStudent", "Bert")
+        return type(self).__name__.replace("FastStudent", self.config.arch.hf_name)
 
 
 class FastStudentForSequenceClassification(_Head):
-    """Pooled [CLS] -> dropout -> linear. Loss by problem_type as in transformers: regression (MSE) when
-    num_labels == 1, single-label cross-entropy for integer labels, multi-label BCE-with-logits otherwise."""
-    optional_keys = ("pooler.", "classifier.")
+    """[CLS] -> the architecture's classifier (Arch.classifier): BERT pooled -> dropout -> linear; DistilBERT
+    pre_classifier -> ReLU -> dropout -> classifier; RoBERTa dropout -> dense -> tanh -> dropout -> out_proj.
+    Loss by problem_type as in transformers: regression (MSE) when num_labels == 1, single-label cross-entropy for
+    integer labels, multi-label BCE-with-logits otherwise. With left padding only BERT's pooled [CLS] equals
+    transformers' (the others read a zero hidden state at a padded position 0)."""
+    optional_keys = ("pooler.", "pre_classifier.", "classifier.")
 
     def __init__(self, config: FastStudentConfig):
         super().__init__(config)
-        drop = config.extra.get("classifier_dropout")
+        d, kind = config.hidden_size, config.arch.classifier
+        drop = config.extra.get("seq_classif_dropout" if kind == "pre_classifier" else "classifier_dropout")
         self.dropout = nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
-        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
-        self._init_head(self.classifier)
+        if kind == "pre_classifier":
+            self.pre_classifier = nn.Linear(d, d)
+            self._init_head(self.pre_classifier)
+        if kind == "dense_tanh":
+            self.classifier = nn.ModuleDict(dict(dense=nn.Linear(d, d), out_proj=nn.Linear(d, self.num_labels)))
+            self._init_head(self.classifier["dense"], self.classifier["out_proj"])
+        else:
+            self.classifier = nn.Linear(d, self.num_labels)
+            self._init_head(self.classifier)
+
+    def classify(self, cls):
+        """(B, d) last-layer [CLS] rows -> (B, num_labels) logits, through the architecture's classifier."""
+        kind = self.config.arch.classifier
+        if kind == "pooler":
+            return self.classifier(self.dropout(self.bert.pooler(cls)))
+        if kind == "pre_classifier":
+            return self.classifier(self.dropout(F.relu(self.pre_classifier(cls))))
+        c = self.classifier
+        return c["out_proj"](self.dropout(torch.tanh(c["dense"](self.dropout(cls)))))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 output_hidden_states: bool = False, return_dict: bool = True, **kw):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         output_hidden_states=output_hidden_states, **kw)  # unknown keywords: TypeError
-        logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        logits = (self.classifier(self.dropout(out.pooler_output)) if out.pooler_output is not None
+                  else self.classify(out.last_hidden_state[:, 0]))  # (B, num_labels)
         loss = None
         if labels is not None:
             pt = self.config.extra.get("problem_type")

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
+from . import arch as arch_registry
 from .config import FastStudentConfig
 
 log = logging.getLogger("fastdistil")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 _BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
-_BASE_ROOTS = ("embeddings.", "encoder.", "pooler.")
+_BASE_ROOTS = ("embeddings.", "encoder.", "pooler.")  # FastStudent's own (BERT's) key roots, for every architecture
 
 
 class CheckpointError(ValueError):
@@ -86,7 +87,7 @@ def read_json(path: Path):
         raise OSError(f"{path} is not valid JSON: {e}") from None
 
 
-_FIELDS = tuple(f for f in FastStudentConfig.__dataclass_fields__ if f != "extra")
+_FIELDS = tuple(f for f in FastStudentConfig.__dataclass_fields__ if f not in ("extra", "model_type"))
 _HEAD_SETTINGS = ("num_labels", "id2label", "label2id", "problem_type", "classifier_dropout")
 
 
@@ -113,7 +114,7 @@ def read_config(directory: Path, overrides: dict | None = None) -> FastStudentCo
         overrides.setdefault("id2label", {str(i): f"LABEL_{i}" for i in range(n)})
         overrides.setdefault("label2id", {f"LABEL_{i}": i for i in range(n)})
     mt = d.get("model_type", "bert")
-    if not isinstance(mt, str) or (mt not in ("bert", "distilbert") and "bert" not in mt):
+    if not arch_registry.is_known(mt) and (not isinstance(mt, str) or "bert" not in mt):
         log.warning("config.json has model_type %r; loading it as BERT", mt)
     try:
         return FastStudentConfig.from_dict({**d, **overrides})
@@ -176,24 +177,51 @@ def _normalise(key: str) -> str:
     return key
 
 
+def _internal(key: str, arch) -> str | None:
+    """A checkpoint key relative to the base model in FastStudent's names (None: a buffer), or the key unchanged
+    when it is not the base model's (a head key). transformers' names of `arch` and FastStudent's own both map."""
+    k = _normalise(key)
+    for pre in (arch.prefix, "bert."):  # transformers' head prefix, or FastStudent's own heads' `bert.`
+        if k.startswith(pre):
+            k = k[len(pre):]
+            break
+    if k in arch.buffers or k in _BUFFERS:
+        return None
+    return arch.key_to_internal(k) if k.startswith(arch.roots) else k
+
+
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() under transformers' keys of its architecture (DistilBERT's transformer.layer.N.*, heads'
+    distilbert./roberta. prefixes); BERT's are FastStudent's own."""
+    arch, base = model.config.arch, getattr(model, "base_prefix", "")
+    out = {}
+    for k, v in model.state_dict().items():
+        if base and k.startswith(base):
+            k = arch.prefix + arch.key_to_hf(k[len(base):])
+        elif not base and k.startswith(_BASE_ROOTS):
+            k = arch.key_to_hf(k)
+        out[k] = v
+    return out
+
+
 def load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], base_prefix: str = "",
                optional: tuple[str, ...] = ("pooler.",)) -> None:
     """Copy `sd` into `model` strictly.
 
-    base_prefix: where the BERT encoder sits in `model` ("" for FastStudent, "bert." for the heads); checkpoint
-        keys with or without a "bert." prefix are mapped onto it.
+    base_prefix: where the encoder sits in `model` ("" for FastStudent, "bert." for the heads); checkpoint
+        keys with or without transformers' head prefix of the model's architecture ("bert.", "distilbert.",
+        "roberta.") are mapped onto it, in transformers' names or FastStudent's (fastdistil/arch/).
     optional: key prefixes (relative to the encoder, or the head's own) that may be missing: they keep their
         initialisation and are reported, as transformers does for a new head or a missing pooler.
     Raises CheckpointError listing missing keys, mismatched shapes and integer tensors for float parameters;
     unused checkpoint keys are reported.
     """
     own = model.state_dict()
+    arch = model.config.arch
     mapped, unused = {}, []
     for k, v in sd.items():
-        k2 = _normalise(k)
-        if k2.startswith("bert."):
-            k2 = k2[len("bert."):]
-        if k2 in _BUFFERS:
+        k2 = _internal(k, arch)
+        if k2 is None:
             continue
         if k2.startswith(_BASE_ROOTS):
             k2 = base_prefix + k2
@@ -230,17 +258,15 @@ def load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], base_prefix:
 def check_sizes(cfg: FastStudentConfig, sd: dict[str, torch.Tensor], where) -> None:
     """Before allocating anything: the config's sizes must be those of the checkpoint's tensors, so that a config
     of 10**9 layers or a vocabulary of 10**12 fails at once, naming the file, instead of allocating first."""
-    shapes = {}
-    for k, v in sd.items():
-        k = _normalise(k)
-        shapes[k[len("bert."):] if k.startswith("bert.") else k] = tuple(v.shape)
+    shapes = {_internal(k, cfg.arch): tuple(v.shape) for k, v in sd.items()}
     d = cfg.hidden_size
     want = {"embeddings.word_embeddings.weight": (cfg.vocab_size, d),
             "embeddings.position_embeddings.weight": (cfg.max_position_embeddings, d),
-            "embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, d),
             "encoder.layer.0.intermediate.dense.weight": (cfg.intermediate_size, d)}
+    if cfg.token_types:
+        want["embeddings.token_type_embeddings.weight"] = (cfg.type_vocab_size, d)
     bad = [f"{k} is {shapes[k]} but the config implies {s}" for k, s in want.items() if shapes.get(k, s) != s]
-    n = 1 + max((int(k.split(".")[2]) for k in shapes if k.startswith("encoder.layer.")
+    n = 1 + max((int(k.split(".")[2]) for k in shapes if k and k.startswith("encoder.layer.")
                  and k.split(".")[2].isdigit()), default=-1)
     if cfg.num_hidden_layers > n:
         bad.append(f"num_hidden_layers is {cfg.num_hidden_layers} but the checkpoint holds {n} layers")
@@ -248,9 +274,11 @@ def check_sizes(cfg: FastStudentConfig, sd: dict[str, torch.Tensor], where) -> N
         raise CheckpointError(f"{where} does not fit the checkpoint's weights: " + "; ".join(bad))
 
 
-def from_pretrained(cls, name_or_path, *, dtype=None, device=None, **config_overrides):
+def from_pretrained(cls, name_or_path, *, dtype=None, device=None, quantize=None, **config_overrides):
     """Build `cls` from a checkpoint directory or cached hub id (see resolve_dir) and load it strictly.
 
+    quantize: None, or "int8": the encoder's GEMMs in int8 for CPU inference, calibrated on the shipped sentences
+        (model.quantize; fastdistil/quantize.py).
     config_overrides: config fields (hidden_dropout_prob=0.0, ...) or head settings (num_labels=3, ...); any other
     keyword is a TypeError (see read_config).
     """
@@ -266,6 +294,9 @@ def from_pretrained(cls, name_or_path, *, dtype=None, device=None, **config_over
                                                                                          ("pooler.",)))
     model.config.name_or_path = str(directory)  # model.name_or_path reads it (hf_surface.py)
     model.to(device=device, dtype=dt or torch.float32)
+    if quantize is not None:
+        from .quantize import quantize as quantize_model
+        return quantize_model(model.eval(), quantize)
     return model.eval()
 
 
@@ -280,8 +311,8 @@ def save_pretrained(model, directory) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
-    cfg["architectures"] = [getattr(model, "hf_architecture", "BertModel")]
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    cfg["architectures"] = [getattr(model, "hf_architecture", None) or model.config.arch.hf_class()]
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in hf_state_dict(model).items()}
     # serialised in memory (one extra copy of the weights) and written through our own file: safetensors'
     # save_file reports a failed write as a SafetensorError without errno or path (safetensors 0.8)
     for name, data in (("model.safetensors", lambda: save(tensors, metadata={"format": "pt"})),
@@ -297,9 +328,10 @@ def save_pretrained(model, directory) -> None:
 
 
 def from_hf(cls, hf_model):
-    """A fastdistil model holding copies of a transformers BERT model's weights (same dtype and device)."""
-    bert = getattr(hf_model, "bert", hf_model)
+    """A fastdistil model holding copies of a transformers model's weights (same dtype and device): BERT,
+    DistilBERT, RoBERTa or XLM-R (fastdistil/arch/), a base model or a head holding one."""
     cfg = FastStudentConfig.from_hf(hf_model.config)
+    bert = getattr(hf_model, cfg.arch.prefix[:-1], hf_model)
     if getattr(cls, "base_prefix", ""):
         model = cls(cfg)
         sd = hf_model.state_dict()
@@ -315,15 +347,15 @@ def from_hf(cls, hf_model):
 def to_hf(model):
     """The transformers model with the same architecture and copies of the weights."""
     import transformers
-    arch = getattr(model, "hf_architecture", "BertModel")
+    arch = getattr(model, "hf_architecture", None) or model.config.arch.hf_class()
     cfg = model.config.to_hf()
-    if arch == "BertModel":
-        hf = transformers.BertModel(cfg, add_pooling_layer=model.pooler is not None)
+    if arch == model.config.arch.hf_class() and model.config.arch.pooler:
+        hf = getattr(transformers, arch)(cfg, add_pooling_layer=model.pooler is not None)
     else:
         hf = getattr(transformers, arch)(cfg)
     p = next(model.parameters())
     hf.to(device=p.device, dtype=p.dtype)
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
     missing = [k for k in missing if not k.endswith(_BUFFERS)]
     if missing or unexpected:
         raise CheckpointError(f"to_hf: missing {missing}, unexpected {unexpected}")

@@ -56,6 +56,9 @@ class FastStudentForMaskedLM(nn.Module):
 
     def __init__(self, config: FastStudentConfig):
         super().__init__()
+        if config.model_type != "bert":
+            raise ValueError(f"FastStudentForMaskedLM holds BERT's MLM head (cls.predictions.*); model_type "
+                             f"{config.model_type!r} has another one: use its base model (or a BERT teacher)")
         self.config = config
         self.bert = FastStudent(config, add_pooling_layer=False)
         self.cls = nn.ModuleDict(dict(predictions=MaskedLMHead(config, self.bert.embeddings.word_embeddings)))
@@ -79,9 +82,9 @@ def _architecture(directory: Path) -> str:
 
 
 def load_model(path, *, role: str = "model", device=None, dtype=None):
-    """Load a BERT checkpoint as the fastdistil class matching its architecture: BertForSequenceClassification ->
-    FastStudentForSequenceClassification, BertForMaskedLM / BertForPreTraining (with MLM weights) ->
-    FastStudentForMaskedLM, anything else -> FastStudent.
+    """Load a checkpoint of any architecture in fastdistil/arch/ (BERT, DistilBERT, RoBERTa, XLM-R) as the fastdistil
+    class matching its head: *ForSequenceClassification -> FastStudentForSequenceClassification, BertForMaskedLM /
+    BertForPreTraining (with MLM weights) -> FastStudentForMaskedLM, anything else -> FastStudent (its base model).
 
     Raises:
         OSError: `path` is not a checkpoint directory (the message names the role: teacher or student).
@@ -91,7 +94,7 @@ def load_model(path, *, role: str = "model", device=None, dtype=None):
     except OSError as e:
         raise OSError(f"{role} {path}: {e}") from None
     arch = _architecture(directory)
-    if arch.endswith("ForSequenceClassification"):
+    if arch.endswith("ForSequenceClassification"):  # every architecture's classifier: fastdistil/heads.py
         cls = FastStudentForSequenceClassification
     elif arch.endswith(("ForMaskedLM", "ForPreTraining")) and any(
             k.startswith("cls.predictions.") for k in read_weights(directory)):
@@ -205,6 +208,13 @@ def side_to(side: Side, dtype) -> Side:
                 c(side.last), c(side.cls), c(side.mean), c(side.logits))
 
 
+def _positions(enc: FastStudent, batch) -> torch.Tensor:
+    """The batch's packed positions (0-based within each sequence) as the model's position ids: RoBERTa's count from
+    padding_idx + 1 (fastdistil/arch/roberta.py); a packed batch holds no pad tokens, so that is all it takes."""
+    off = enc.config.position_offset
+    return batch.position_ids if not off else batch.position_ids + off
+
+
 def _depth(needs: "Needs", n: int) -> tuple[int, bool]:
     """How deep a forward must go for `needs`: (layers to run, whether the deepest one runs in full). Pooled,
     [CLS] and logits need the whole encoder; otherwise the run stops at the deepest hidden state read, or right
@@ -222,17 +232,18 @@ def forward_side(model: nn.Module, batch, needs: Needs) -> Side:
     n = enc.config.num_hidden_layers
     p = batch.packing
     depth, full = _depth(needs, n)
+    positions = _positions(enc, batch)  # (T,)
     side = Side()
     if depth == n and full:
         taps = tuple(sorted({i - 1 for i in needs.qkv} | {i - 1 for i in needs.hidden if i > 0}))
         want_emb = 0 in needs.hidden
         if want_emb and torch.is_grad_enabled():
-            x, hidden = enc.forward_packed(batch.ids, batch.token_type_ids, batch.position_ids, p,
+            x, hidden = enc.forward_packed(batch.ids, batch.token_type_ids, positions, p,
                                            output_hidden_states=True, taps=taps)
             emb = hidden[0]
         else:
-            x, _ = enc.forward_packed(batch.ids, batch.token_type_ids, batch.position_ids, p, taps=taps)
-            emb = enc.embeddings(batch.ids, batch.token_type_ids, batch.position_ids) if want_emb else None
+            x, _ = enc.forward_packed(batch.ids, batch.token_type_ids, positions, p, taps=taps)
+            emb = enc.embeddings(batch.ids, batch.token_type_ids, positions) if want_emb else None
         side.last = x
         for i in needs.hidden:
             side.hidden[i] = emb if i == 0 else (x if i == n else enc.tapped[i - 1]["hidden"])
@@ -241,13 +252,12 @@ def forward_side(model: nn.Module, batch, needs: Needs) -> Side:
             side.qkv[i] = {"q": t["q"], "k": t["k"], "v": t["v"]}
         enc.tapped = {}
     else:
-        x = enc.embeddings(batch.ids, batch.token_type_ids, batch.position_ids)  # (T, d)
+        x = enc.embeddings(batch.ids, batch.token_type_ids, positions)  # (T, d)
         if 0 in needs.hidden:
             side.hidden[0] = x
         for i, layer in enumerate(enc.layers[:depth], start=1):
             if i == depth and not full:  # only this layer's q, k, v are read
-                w, b = layer.qkv_weight()
-                q, k, v = F.linear(x, w, b).view(x.shape[0], 3, layer.n_head, layer.head_dim).unbind(1)
+                q, k, v = layer.qkv(x)  # (T, H, D) each
                 side.qkv[i] = {"q": q, "k": k, "v": v}
                 break
             tap = {} if i in needs.qkv else None
@@ -266,7 +276,7 @@ def forward_side(model: nn.Module, batch, needs: Needs) -> Side:
         side.mean = mean_pool(x, cu_seqlens=p.cu_seqlens)
     if needs.logits:
         if isinstance(model, FastStudentForSequenceClassification):
-            side.logits = model.classifier(model.dropout(enc.pooler(cls_rows)))  # (B, C)
+            side.logits = model.classify(cls_rows)  # (B, C), through the architecture's classifier
         elif isinstance(model, FastStudentForMaskedLM):
             pos = batch.extra.get("mlm_pos")
             if pos is None:

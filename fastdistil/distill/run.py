@@ -251,7 +251,7 @@ def run(a: RunArgs) -> dict:
     teacher_dir = teacher.name_or_path
     tok = _tokenizer(teacher_dir)
     tcfg = body(teacher).config
-    max_length = min(a.max_length, tcfg.max_position_embeddings)
+    max_length = min(a.max_length, tcfg.max_sequence_length)
     examples = _examples(a)
     align_labels(examples, tcfg.extra.get("label2id"))
     _check_label_range(examples, teacher, "teacher")
@@ -265,7 +265,7 @@ def run(a: RunArgs) -> dict:
     _check_label_range(examples, student, "student")
     student.to(dev)
     teacher.to(dtype=getattr(torch, a.teacher_dtype))
-    max_length = min(max_length, body(student).config.max_position_embeddings)
+    max_length = min(max_length, body(student).config.max_sequence_length)
     enc = encode(examples, tok, max_length)
     recipe = build_recipe(a.recipe, teacher, student, has_labels=examples.labels is not None,
                           max_steps=a.max_steps)

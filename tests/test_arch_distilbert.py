@@ -1,0 +1,208 @@
+"""DistilBERT through the architecture registry (fastdistil/arch/distilbert.py): FastStudent against transformers'
+DistilBertModel (fp32, the foundation's 1e-5 on every hidden state, both padding sides), checkpoints both ways,
+20 training steps, the drop-in patch, and `fastdistil distill` with a DistilBERT student and teacher."""
+import json
+import warnings
+
+import pytest
+import torch
+import transformers
+
+import fastdistil
+from fastdistil import FastStudent, FastStudentConfig, FastStudentForSequenceClassification
+from fastdistil.loading import hf_state_dict
+from fastdistil.patch import is_patched, patch, unpatch
+
+from _arch_models import build, check_backend_parity, padded_batch
+
+ATOL = 1e-5  # tests/test_model.py's bound for fp32 parity with transformers
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with fastdistil.use_backend("torch"):
+        yield
+
+
+def maxdiff(a, b, mask):
+    return (a - b)[mask.bool()].abs().max().item()
+
+
+def test_config_adapter_both_ways():
+    hf = build("distilbert", hidden=48, heads=3, layers=3, inter=80, sinusoidal_pos_embds=True)
+    cfg = FastStudentConfig.from_hf(hf.config)
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers,
+            cfg.intermediate_size, cfg.layer_norm_eps) == ("distilbert", 48, 3, 3, 80, 1e-12)
+    assert not cfg.token_types and cfg.position_offset is None and cfg.sinusoidal_positions
+    d = cfg.to_dict()
+    assert d["model_type"] == "distilbert"
+    assert (d["dim"], d["n_heads"], d["n_layers"], d["hidden_dim"]) == (48, 3, 3, 80)
+    assert not {"hidden_size", "type_vocab_size", "layer_norm_eps"} & set(d)
+    assert FastStudentConfig.from_dict(d).to_dict() == d
+    with pytest.raises(ValueError, match="layer_norm_eps"):
+        FastStudentConfig.from_dict({**d, "layer_norm_eps": 1e-5})
+    with pytest.raises(ValueError, match="model_type"):
+        FastStudentConfig(model_type="gpt2")
+
+
+@pytest.mark.parametrize("hidden,heads,layers,inter", [(32, 2, 2, 64), (48, 3, 3, 97), (64, 4, 1, 256)])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_parity_every_hidden_state(hidden, heads, layers, inter, side):
+    hf = build("distilbert", hidden=hidden, heads=heads, layers=layers, inter=inter)
+    ours = FastStudent.from_hf(hf).eval()
+    assert ours.pooler is None and ours.embeddings.token_type_embeddings is None
+    ids, mask = padded_batch("distilbert", B=5, L=13, side=side, seed=hidden)
+    with torch.no_grad():
+        a = ours(ids, mask, output_hidden_states=True)
+        b = hf(ids, attention_mask=mask, output_hidden_states=True)
+    assert a.pooler_output is None and len(a.hidden_states) == len(b.hidden_states) == layers + 1
+    for i, (x, y) in enumerate(zip(a.hidden_states, b.hidden_states, strict=True)):
+        assert maxdiff(x, y, mask) <= ATOL, f"hidden_states[{i}]"
+    assert maxdiff(a.last_hidden_state, b.last_hidden_state, mask) <= ATOL
+
+
+@pytest.mark.interpreter
+def test_triton_backend_parity(device):
+    """The same model on the triton kernels (interpreter on CPU; compiled with --device cuda)."""
+    with fastdistil.use_backend("triton"):
+        check_backend_parity("distilbert", device)
+
+
+def test_native_backend_parity():
+    ok, why = fastdistil.availability()["native"]
+    if not ok:
+        pytest.skip(why)
+    with fastdistil.use_backend("native"):
+        check_backend_parity("distilbert", torch.device("cpu"))
+
+
+def test_sinusoidal_positions_initialised_as_transformers():
+    hf = build("distilbert", sinusoidal_pos_embds=True)
+    ours = FastStudent(FastStudentConfig.from_hf(hf.config))
+    ref = transformers.DistilBertModel(hf.config).embeddings.position_embeddings.weight
+    assert torch.allclose(ours.embeddings.position_embeddings.weight, ref, atol=1e-6, rtol=0)
+    plain = FastStudent(FastStudentConfig.from_hf(build("distilbert").config))
+    assert not torch.allclose(plain.embeddings.position_embeddings.weight, ref, atol=1e-2)
+
+
+@pytest.mark.parametrize("head", ["Model", "ForSequenceClassification"])
+def test_checkpoints_both_ways(tmp_path, head):
+    hf = build("distilbert", head)
+    cls = FastStudent if head == "Model" else FastStudentForSequenceClassification
+    hf.save_pretrained(tmp_path / "hf")
+    ours = cls.from_pretrained(tmp_path / "hf")  # strict: every key used, every shape checked
+    ours.save_pretrained(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "distilbert"
+    back, info = getattr(transformers, "DistilBert" + head).from_pretrained(tmp_path / "ours",
+                                                                             output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    for k, v in hf.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    ids, mask = padded_batch("distilbert")
+    with torch.no_grad():
+        a, b = ours(ids, mask), hf(ids, attention_mask=mask)
+    if head == "Model":
+        assert maxdiff(a.last_hidden_state, b.last_hidden_state, mask) <= ATOL
+    else:
+        assert (a.logits - b.logits).abs().max().item() <= ATOL
+        assert ours.hf_architecture == "DistilBertForSequenceClassification"
+
+
+def test_twenty_adamw_steps_track_transformers():
+    hf = build("distilbert", "ForSequenceClassification", hidden=48, heads=3, inter=100).train()
+    ours = FastStudentForSequenceClassification.from_hf(hf).train()
+    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(3)
+    for step in range(20):
+        ids, mask = padded_batch("distilbert", B=4, L=15, seed=step)
+        labels = torch.randint(0, 3, (4,), generator=g)
+        target = torch.randn(4, 48, generator=g)
+        losses = []
+        for m, opt in ((ours, opt_a), (hf, opt_b)):
+            out = m(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+            h = out.hidden_states[-1]
+            pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            loss = out.loss + (pooled - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[1]), f"step {step}: {losses}"
+    sd = hf.state_dict()
+    for n, p in hf_state_dict(ours).items():
+        rel = ((p - sd[n]).abs().max() / sd[n].abs().max().clamp(min=1e-6)).item()
+        assert rel <= 1e-4, f"{n} drifted by {rel} (relative)"
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("head", ["Model", "ForSequenceClassification"])
+def test_patch_parity(head, side):
+    m, ref = build("distilbert", head), build("distilbert", head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a supported model patches without a single warning
+        patch(m)
+    M = transformers.models.distilbert.modeling_distilbert
+    fused = [n for n, x in m.named_modules() if type(x).__module__ == "fastdistil.patch"]
+    kinds = [next(c for c in (M.Embeddings, M.Transformer, M.TransformerBlock) if isinstance(m.get_submodule(n), c))
+             for n in fused]
+    assert sorted(k.__name__ for k in kinds) == ["Embeddings", "Transformer", "TransformerBlock", "TransformerBlock"]
+    enc = fused[kinds.index(M.Transformer)]
+    ids, mask = padded_batch("distilbert", side=side, seed=7)
+    with torch.no_grad():  # packed route; inference runs the backend's encoder_layer op on LayerWeights
+        a, b = m(ids, attention_mask=mask), ref(ids, attention_mask=mask)
+        hs = m(ids, attention_mask=mask, output_hidden_states=True).hidden_states  # padded route (capture hooks)
+        hs_ref = ref(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    if head == "Model":
+        assert maxdiff(a.last_hidden_state, b.last_hidden_state, mask) <= ATOL
+    else:  # the [CLS] head reads position 0, padding on left-padded rows: computed as transformers does
+        assert (a.logits - b.logits).abs().max().item() <= ATOL
+    for x, y in zip(hs, hs_ref, strict=True):
+        assert maxdiff(x, y, mask) <= ATOL
+    m.train(), ref.train()  # gradients through the fused training path (no dropout in these configs)
+    for model in (m, ref):
+        out = model(ids, attention_mask=mask)
+        (out[0] * mask[..., None] if head == "Model" else out.logits).pow(2).sum().backward()
+    g_ref = dict(ref.named_parameters())
+    for n, p in m.named_parameters():
+        err = (p.grad - g_ref[n].grad).abs().max().item()
+        assert err <= 1e-5 * max(1.0, g_ref[n].grad.abs().max().item()), n
+    unpatch(m)
+    assert not is_patched(m) and type(m.get_submodule(enc)) is M.Transformer
+
+
+def test_patch_leaves_subclassed_code_with_a_warning():
+    M = transformers.models.distilbert.modeling_distilbert
+
+    class Odd(M.TransformerBlock):
+        def forward(self, hidden_states, attention_mask=None, **kwargs):
+            return super().forward(hidden_states, attention_mask, **kwargs) * 2
+
+    m = build("distilbert")
+    m.transformer.layer[1].__class__ = Odd
+    with pytest.warns(UserWarning, match="Odd.forward differs"):
+        patch(m)
+    assert type(m.transformer.layer[1]) is Odd and type(m.transformer).__module__ != "fastdistil.patch"
+
+
+def test_distill_cli_bert_teacher_distilbert_student_and_back(tmp_path):
+    """The classic DistilBERT recipe's shape: a BERT teacher into a DistilBERT student (--student), and a
+    DistilBERT teacher into a student of its own layers (--student-layers)."""
+    from _distill_fixtures import SENTENCES, save_tiny
+    from fastdistil.cli import main
+    teacher = save_tiny(tmp_path / "t", "base")
+    student = save_tiny(tmp_path / "s", "base", seed=1, layers=2, model_type="distilbert")
+    assert json.loads((student / "config.json").read_text())["model_type"] == "distilbert"
+    (tmp_path / "d.txt").write_text("\n".join(SENTENCES))
+    common = ["--recipe", "minilmv2", "--data", str(tmp_path / "d.txt"), "--max-steps", "2", "--batch-size", "4",
+              "--max-length", "16", "--no-progress"]
+    assert main(["distill", "--teacher", str(teacher), "--student", str(student), "--out", str(tmp_path / "o1"),
+                 *common]) == 0
+    out, info = transformers.DistilBertModel.from_pretrained(tmp_path / "o1" / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    before = transformers.DistilBertModel.from_pretrained(student)
+    assert not torch.equal(out.transformer.layer[0].ffn.lin1.weight, before.transformer.layer[0].ffn.lin1.weight)
+    assert main(["distill", "--teacher", str(student), "--student-layers", "1", "--out", str(tmp_path / "o2"),
+                 *common]) == 0
+    small = transformers.DistilBertModel.from_pretrained(tmp_path / "o2" / "final")
+    assert small.config.n_layers == 1 and small.config.model_type == "distilbert"
