@@ -119,7 +119,8 @@ def resolve(device: torch.device | str) -> str:
     compiler gets the reference ops (which it fuses itself) instead of a graph break.
     """
     name = get_backend()
-    dev = torch.device(device).type
+    # every op call lands here: read the type of a torch.device as it is (building a new one costs ~1 us)
+    dev = device.type if isinstance(device, torch.device) else torch.device(device).type
     if name == "auto":
         if dev == "cuda" and _triton_ok():
             return "triton"

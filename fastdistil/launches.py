@@ -10,10 +10,20 @@ What counts as a launch:
   (mm, addmm, bmm, baddbmm, linear's decompositions) separately, everything else as `other`. View ops (a
   stride change), allocations (empty*), and fastdistil's own torch.library ops (counted by the Triton launches
   they make) are not launches.
-Host synchronisations: operators that copy a device value to the host or size an output by data
-(_local_scalar_dense behind .item()/int()/.tolist(), nonzero, equal, is_nonzero, unique, masked_select).
+Host synchronisations (:func:`sync_name`, shared with the cost model's op recorder): operators that copy a device
+value to the host or size an output by data (_local_scalar_dense behind .item()/int(), nonzero, equal, is_nonzero,
+unique, masked_select) and device-to-host copies (`_to_copy` or `copy_` from a non-CPU tensor into a CPU one:
+`.cpu()`, `.to("cpu")`, `.tolist()` of a CUDA tensor). On CPU tensors `.tolist()`, `.numpy()` and `.cpu()` never
+reach the dispatcher; with `count_launches(host=...)` a function mode counts them too (:class:`HostReads`): the CPU
+run then stands in for the same code on a GPU, where each of them is a sync, except reads of the `host` tensors
+(inputs that stay on the host on a GPU run too). Without `host`, reads a CPU run makes only because its tensors are
+on the CPU (the value checks of ops/checks.py) are not counted. (`.to(device)` is never counted on CPU: its target
+is a variable that is the GPU on a GPU run.)
 Limit: PyTorch operators called *inside* a custom op's implementation are invisible to the dispatch mode; the
 Triton launches inside it are still counted (fastdistil's forward launchers only allocate besides launching).
+
+:func:`graph_capture_available` says whether fastdistil's inference forward can be captured in a CUDA graph; the
+cost model labels its graph-replay column with it.
 """
 from __future__ import annotations
 
@@ -21,13 +31,73 @@ import contextlib
 from collections import Counter
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-_GEMMS = {"mm", "addmm", "bmm", "baddbmm", "_addmm_activation", "matmul", "linear", "_scaled_mm"}
-_SYNCS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "unique_consecutive", "_unique2",
-          "masked_select", "item"}
-_FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
-         "lift_fresh", "_to_copy_noop", "set_", "resize_", "_reshape_alias", "view", "_unsafe_view"}
+# Whether the inference forward can be captured in a CUDA graph (no host sync, static shapes). False until the
+# sync-free forward of issue 14 exists; the change that makes it capturable (fastdistil/graphs.py, with its
+# no-sync test) sets this to True, and the cost model's "graph replay" column follows.
+GRAPH_CAPTURE = True  # fastdistil/graphs.py (GraphRunner); no-sync proof: tests/test_sync_free.py
+
+
+def graph_capture_available() -> bool:
+    """Whether fastdistil's inference forward can be captured in a CUDA graph today (see GRAPH_CAPTURE)."""
+    return GRAPH_CAPTURE
+
+
+GEMM_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "_addmm_activation", "matmul", "linear", "_scaled_mm"})
+# aten ops that make the host wait for the device (a value read, or an output sized by data)
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "nonzero_static_noop", "equal", "is_nonzero", "unique",
+                      "unique_consecutive", "unique_dim", "_unique", "_unique2", "masked_select", "item"})
+# aten ops that launch no kernel: allocations, metadata, aliases (view ops are recognised from their schema)
+NO_KERNEL_OPS = frozenset({
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "detach", "alias",
+    "lift_fresh", "set_", "resize_", "_reshape_alias", "view", "_to_copy_noop", "unbind", "split",
+    "split_with_sizes", "chunk", "unsafe_split", "as_strided", "expand", "t", "transpose", "permute", "unsqueeze",
+    "squeeze", "slice", "select", "_unsafe_index_put_noop", "sym_size", "sym_stride", "sym_numel", "is_same_size",
+    "_has_compatible_shallow_copy_type", "record_stream"})
+# Tensor methods that read values on the host and never reach the dispatcher for a CPU tensor
+HOST_READS = frozenset({"tolist", "numpy", "cpu"})
+_GEMMS, _SYNCS, _FREE = GEMM_OPS, SYNC_OPS, NO_KERNEL_OPS  # the names this module used before
+
+
+def _on_device(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type != "cpu"
+
+
+def sync_name(func, args, kwargs) -> str | None:
+    """The name to count when aten op `func` synchronises the host with the device, else None: the SYNC_OPS, and
+    device-to-host copies (`_to_copy` to the CPU or `copy_` into a CPU tensor, from a tensor on another device)."""
+    name = func.overloadpacket.__name__
+    if name in SYNC_OPS:
+        return name
+    if name == "_to_copy" and args and _on_device(args[0]):
+        dev = (kwargs or {}).get("device")
+        if dev is not None and torch.device(dev).type == "cpu":
+            return "_to_copy(device->host)"
+    if name == "copy_" and len(args) > 1 and isinstance(args[0], torch.Tensor) and not _on_device(args[0]) \
+            and _on_device(args[1]):
+        return "copy_(device->host)"
+    return None
+
+
+class HostReads(TorchFunctionMode):
+    """Calls `on_read(name)` for each `.tolist()`, `.numpy()` and `.cpu()` of a CPU tensor: they never reach the
+    dispatcher, but on a GPU run of the same code each one is a host sync. Device tensors are left to
+    :func:`sync_name` (their reads are dispatched). Nothing is counted for the tensors in `host` (inputs that
+    live on the host in the modeled run too: tokenizer output read with numpy is no sync), nor while
+    `state["in_triton"]` (the Triton interpreter reads its tensors through numpy)."""
+
+    def __init__(self, on_read, state: dict | None = None, host=()):
+        super().__init__()
+        self.on_read, self.state, self.host = on_read, ({} if state is None else state), tuple(host)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if (name in HOST_READS and not self.state.get("in_triton") and args and isinstance(args[0], torch.Tensor)
+                and not _on_device(args[0]) and not any(args[0] is h for h in self.host)):
+            self.on_read(name)
+        return func(*args, **(kwargs or {}))
 
 
 class LaunchCounts:
@@ -37,7 +107,7 @@ class LaunchCounts:
         self.triton: Counter = Counter()   # kernel name -> launches
         self.gemm: Counter = Counter()     # aten GEMM op -> launches
         self.other: Counter = Counter()    # other aten compute op -> launches
-        self.syncs: Counter = Counter()    # aten op that synchronises with the host -> calls
+        self.syncs: Counter = Counter()    # host sync (aten op, device->host copy, host read) -> calls
 
     @property
     def total(self) -> int:
@@ -57,11 +127,12 @@ class _Mode(TorchDispatchMode):
         if not self.state["in_triton"]:
             name = func.overloadpacket.__name__
             ns = func.namespace
-            if name in _SYNCS:
-                self.counts.syncs[name] += 1
-            if ns == "fastdistil" or func.is_view or name in _FREE:
+            sync = sync_name(func, args, kwargs)
+            if sync:
+                self.counts.syncs[sync] += 1
+            if ns == "fastdistil" or func.is_view or name in NO_KERNEL_OPS:
                 pass
-            elif name in _GEMMS:
+            elif name in GEMM_OPS:
                 self.counts.gemm[name] += 1
             else:
                 self.counts.other[name] += 1
@@ -69,8 +140,14 @@ class _Mode(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def count_launches():
-    """Context manager yielding a LaunchCounts filled with the launches made inside the block."""
+def count_launches(host=None):
+    """Context manager yielding a LaunchCounts filled with the launches made inside the block.
+
+    Args:
+        host: None counts the syncs the dispatcher sees. A tuple (possibly empty) makes a CPU run stand in for a
+            GPU run: `.tolist()`/`.numpy()`/`.cpu()` of CPU tensors count too, except of the tensors in `host`
+            (host inputs, e.g. a tokenizer's output, whose reads are no sync on a GPU run either).
+    """
     counts = LaunchCounts()
     state = {"in_triton": False}
     patched = []
@@ -100,7 +177,9 @@ def count_launches():
         cls.run = run
         patched.append((cls, orig))
     try:
-        with _Mode(counts, state):
+        reads = (contextlib.nullcontext() if host is None
+                 else HostReads(lambda name: counts.syncs.update((name,)), state, host))
+        with reads, _Mode(counts, state):
             yield counts
     finally:
         for cls, orig in patched:

@@ -10,8 +10,9 @@ def add_parser(sub):
     p = sub.add_parser("model-perf", help="modeled GPU time of fastdistil vs transformers (no GPU needed)",
                        description="time(kernel) = max(FLOPs / matrix rate, bytes / bandwidth) + launch overhead, "
                        "summed over fastdistil's kernels (from their cost functions) and over the aten ops "
-                       "transformers runs for the same batch (recorded on CPU). Two launch regimes: eager and "
-                       "CUDA-graph replay. Modeled, not measured.")
+                       "transformers runs for the same batch (recorded on CPU). Two launch regimes: eager (plus the "
+                       "host time per launch, measured on this CPU when the report is made) and CUDA-graph replay "
+                       "(labelled with whether fastdistil's forward can be captured today). Modeled, not measured.")
     p.add_argument("--gpu", default="h100", choices=("h100", "a100"), help="ceilings to model (default h100)")
     p.add_argument("--workload", default="A", choices=("A", "B", "C", "large"), help="workload (default A)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32", "tf32"),
@@ -31,6 +32,8 @@ def add_parser(sub):
     p.add_argument("--jobs", type=int_at_least(1), default=2, help="parallel builds for --compile (default 2)")
     p.add_argument("--compile-report", metavar="FILE", help="read registers/spills from this report (the cache "
                    "or `fastdistil check-kernels --json` output) instead of the cache")
+    p.add_argument("--no-host-overhead", action="store_true", help="model launch overhead only, without the host "
+                   "time per launch measured on this CPU at report time (Python and dispatcher)")
     p.add_argument("--summary", action="store_true", help="totals only, no per-kernel rows")
     return p
 
@@ -64,7 +67,8 @@ def run(args) -> int:
             raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
         cm.build_compile_report((arch,), jobs=args.jobs, path=args.compile_report)
     rep = cm.model_perf(args.workload, gpu=gpu, dtype=args.dtype, train=args.train, fused=False if args.unfused
-                        else None, peers=peers, compile_report=report_src)
+                        else None, peers=peers, compile_report=report_src,
+                        host=None if args.no_host_overhead else "measure")
     print("\n".join(cm.format_report(rep, per_kernel=not args.summary)))
     if args.json:
         with open(args.json, "w") as f:

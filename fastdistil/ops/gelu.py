@@ -36,9 +36,10 @@ def _bias_gelu_torch(x, bias, *, approximate):
 # ------------------------------------------------------------------------------------------------ triton
 # torch.library registration (compiles with fullgraph=True); kernels/gelu.py is imported on first call.
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .layer_norm import _rows  # noqa: E402
+from .layer_norm import _rows, needs_grad  # noqa: E402
 
 
 @torch.library.custom_op("fastdistil::bias_gelu_fwd", mutates_args=())
@@ -138,10 +139,10 @@ _lin_gelu_bwd = fast(_lin_gelu_bwd_op)
 
 @register("linear_gelu", "triton")
 def _linear_gelu_triton(x, weight, bias, *, approximate):
-    import torch.nn.functional as F
-
-    from ..kernels.matmul import use_fused_epilogue
-    from .layer_norm import needs_grad
+    if torch.compiler.is_compiling():  # dynamo traces import statements, not importlib (kernel_module)
+        from ..kernels.matmul import use_fused_epilogue
+    else:  # eagerly: the cached module, no import statement per call
+        use_fused_epilogue = kernel_module("matmul").use_fused_epilogue
     if x.dtype == torch.float64 or weight.dtype != x.dtype:  # unfused: GEMM, then the bias+GELU kernel
         return bias_gelu(F.linear(x, weight), bias, approximate=approximate)
     if not use_fused_epilogue(x.numel() // max(1, x.shape[-1]), weight.shape[0], x.shape[-1], "gelu"):

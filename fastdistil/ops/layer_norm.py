@@ -50,6 +50,7 @@ def _layer_norm_torch(x, weight, bias, eps, residual, *, input_bias, dropout_p):
 from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from .rng import dropout_seed  # noqa: E402,F401  (re-exported: tests and the GPU harness import it from here)
@@ -211,9 +212,10 @@ _lin_ln_bwd = fast(_lin_ln_bwd_op)
 
 @register("linear_layer_norm", "triton")
 def _linear_layer_norm_triton(x, weight, bias, residual, ln_weight, ln_bias, eps, *, dropout_p):
-    import torch.nn.functional as F
-
-    from ..kernels.matmul import use_fused_epilogue
+    if torch.compiler.is_compiling():  # dynamo traces import statements, not importlib (kernel_module)
+        from ..kernels.matmul import use_fused_epilogue
+    else:  # eagerly: the cached module, no import statement per call
+        use_fused_epilogue = kernel_module("matmul").use_fused_epilogue
     n = weight.shape[0]
     rows = x.numel() // max(1, x.shape[-1])
     # unfused (a library GEMM, then the LN kernel): float64, mixed dtypes, widths beyond the epilogue's, and many

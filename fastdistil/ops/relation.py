@@ -178,7 +178,10 @@ _rel_bwd = fast(_rel_bwd_op)
 def _relation_triton(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask):
     if a_s.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
         return _relation_torch(a_s, b_s, a_t, b_t, scale_s, scale_t, cu_seqlens, max_seqlen, mask)
-    from ..kernels.relation import MAX_HEAD_DIM
+    if torch.compiler.is_compiling():  # dynamo traces import statements, not importlib (kernel_module)
+        from ..kernels.relation import MAX_HEAD_DIM
+    else:  # eagerly: the cached module, no import statement per call
+        MAX_HEAD_DIM = kernel_module("relation").MAX_HEAD_DIM  # noqa: N806
     if a_s.shape[-1] > MAX_HEAD_DIM or a_t.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"the fused relation kernel supports relation-head widths up to {MAX_HEAD_DIM}, got "
                          f"student {a_s.shape[-1]}, teacher {a_t.shape[-1]}: use more relation heads (or the torch "
