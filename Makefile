@@ -20,7 +20,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.h)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --upgrade pip setuptools wheel
-	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) $(TORCH) ninja
 	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-build-isolation -e ".[test,bench]"
 	touch $@
 

@@ -22,9 +22,15 @@ if sources and os.environ.get("FASTDISTIL_NO_EXT", "0") == "0":
     except ImportError:
         print("fastdistil: torch is not importable at build time; skipping the C++ extension", file=sys.stderr)
     else:
-        # No -march=native: the binary must run on any x86-64 CPU; vector code dispatches at run time (ATen).
-        ext_modules = [CppExtension("fastdistil._C", sources, extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+        # No -march=native: the binary must run on any x86-64 CPU; the kernel tables (generic, avx2, avx512) are
+        # compiled per ISA with pragmas and chosen at run time (csrc/dispatch.cpp). -fno-trapping-math: without it
+        # GCC 12 leaves every loop with a select (erf, exp's clamp) scalar below AVX-512, which has masked ops; no
+        # result changes (no reassociation, no FP-exception use here).
+        ext_modules = [CppExtension("fastdistil._C", sources,
+                                    extra_compile_args=["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"],
                                     extra_link_args=["-fopenmp"])]
-        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=False)}
+        # ninja compiles the sources in parallel (MAX_JOBS, default: every core); without it, one file at a time
+        from torch.utils.cpp_extension import is_ninja_available
+        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=is_ninja_available())}
 
 setup(packages=packages, ext_modules=ext_modules, cmdclass=cmdclass)

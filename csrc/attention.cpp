@@ -199,18 +199,27 @@ std::vector<Tensor> varlen_attention_bwd(const Tensor& dout, const Tensor& q, co
   return {dq, dk, dv};
 }
 
+std::vector<int64_t> check_cu_seqlens(const Tensor& cu_seqlens, int64_t T, int64_t max_seqlen, int64_t* longest) {
+  return host_cu(cu_seqlens, T, max_seqlen, "cu_seqlens", longest);
+}
+
 // Inference: attention straight from the fused QKV GEMM output (T, 3 * H * D) into out (T, H * D).
 void attention_into(const Tensor& qkv, Tensor& out, const Tensor& cu_seqlens, int64_t n_head, int64_t max_seqlen) {
+  const int64_t D = qkv.size(1) / 3 / n_head;
+  int64_t longest = 0;
+  const auto cu = host_cu(cu_seqlens, qkv.size(0), max_seqlen, "cu_seqlens", &longest);
+  attention_into(qkv, out, cu, longest, n_head, 1.0f / std::sqrt(static_cast<float>(D)));
+}
+
+void attention_into(const Tensor& qkv, Tensor& out, const std::vector<int64_t>& cu, int64_t longest, int64_t n_head,
+                    float scale) {
   const int dt = dtype_index(qkv, "qkv");
   const int64_t T = qkv.size(0), d = qkv.size(1) / 3, H = n_head, D = d / H;
-  int64_t longest = 0;
-  const auto cu = host_cu(cu_seqlens, T, max_seqlen, "cu_seqlens", &longest);
   if (T == 0) return;
   const size_t esz = qkv.element_size();
   const char* base = static_cast<const char*>(qkv.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
   const auto kernel = kernels().attn_fwd[dt];
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   for_each_task(cu, cu, H, attn_fwd_work(longest, D), [&](int64_t task, float* work) {
     const int64_t b = task / H, h = task % H, s0 = cu[b];
     AttnFwdArgs a;

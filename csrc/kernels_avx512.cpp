@@ -17,6 +17,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,f16c,prefer-vector-width=512")
 #define FD_ISA avx512
 #define FD_ISA_NAME "avx512"
+#define FD_VEC_BYTES 64
 #include "kernels/impl.h"
 #pragma GCC pop_options
 #else

@@ -25,10 +25,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("embed_layer_norm_fwd", &fd::embed_layer_norm_fwd, "LN(word[ids] + pos[pos_ids] + type[type_ids])",
         py::arg("ids"), py::arg("type_ids"), py::arg("pos_ids"), py::arg("word"), py::arg("pos"), py::arg("type"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
-  m.def("encoder_layer", &fd::encoder_layer, "one post-LN BERT layer for inference", py::arg("x"),
-        py::arg("weights"), py::arg("cu_seqlens"), py::arg("max_seqlen"), py::arg("n_head"), py::arg("eps1"),
-        py::arg("eps2"), py::arg("tanh_approx"));
-  m.def("isa", []() { return std::string(fd::kernels().isa); }, "the instruction set of the kernels in use");
-  m.def("set_isa", [](const std::string& name) { return fd::set_isa(name.c_str()); },
-        "select the kernels: 'auto', 'avx512' or 'generic'; False if unsupported here", py::arg("name"));
+  // Encoder layers for inference (layer.cpp): LayerWeights objects, optional prepacked [w_qkv, w_o, w_in, w_out].
+  m.def("encoder_layer", [](const at::Tensor& x, py::handle w, const at::Tensor& cu, int64_t max_seqlen,
+                            py::handle packed) {
+          return fd::encoder(x, {fd::layer_from_py(w, packed, 0)}, cu, max_seqlen);
+        }, "one post-LN encoder layer for inference", py::arg("x"), py::arg("weights"), py::arg("cu_seqlens"),
+        py::arg("max_seqlen"), py::arg("packed") = py::none());
+  m.def("encoder", [](const at::Tensor& x, const py::list& layers, const at::Tensor& cu, int64_t max_seqlen,
+                      py::object packed) {
+          TORCH_CHECK_VALUE(packed.is_none() || py::len(packed) == py::len(layers), "fastdistil native: packed ",
+                            "must hold one entry per layer");
+          std::vector<fd::LayerW> ws;
+          ws.reserve(py::len(layers));
+          for (size_t i = 0; i < py::len(layers); ++i) {
+            py::object pk = packed.is_none() ? py::none() : py::object(packed[py::int_(i)]);
+            ws.push_back(fd::layer_from_py(layers[i], pk, i));
+          }
+          return fd::encoder(x, ws, cu, max_seqlen);
+        }, "every post-LN encoder layer in one call, for inference", py::arg("x"), py::arg("layers"),
+        py::arg("cu_seqlens"), py::arg("max_seqlen"), py::arg("packed") = py::none());
+  // Kernel tables (dispatch.cpp): a table the CPU lacks, or an unknown name, is a ValueError.
+  m.def("isa", []() { return std::string(fd::kernels().isa); },
+        "the kernel table in use ('generic', 'avx2' or 'avx512'), chosen at the first call from FASTDISTIL_NATIVE_ISA");
+  m.def("set_isa", [](const std::string& name) { fd::set_isa(name); return true; },
+        "select the kernel table: 'auto', 'generic', 'avx2' or 'avx512'; ValueError if this CPU cannot run it",
+        py::arg("name"));
+  m.def("supported_isas", &fd::supported_isas, "the kernel tables this CPU can run, baseline first");
+  m.def("cpu_features", &fd::cpu_features, "{feature: usable} as CPUID and the OS report them (cpuinfo names)");
+  m.def("choose_isa", &fd::choose_isa, "the table a CPU with `features` gets (pure; for tests with mocked features)",
+        py::arg("features"), py::arg("forced") = "", py::arg("aten_cap") = "",
+        py::arg("what") = "FASTDISTIL_NATIVE_ISA");
 }

@@ -34,6 +34,11 @@ std::vector<Tensor> varlen_attention_bwd(const Tensor& dout, const Tensor& q, co
                                          int64_t max_seqlen, double scale, double dropout_p, int64_t seed,
                                          const OptTensor& cu_seqlens_k, int64_t max_seqlen_k);
 void attention_into(const Tensor& qkv, Tensor& out, const Tensor& cu_seqlens, int64_t n_head, int64_t max_seqlen);
+// The same on cu_seqlens already validated by check_cu_seqlens (host copy) with an explicit softmax scale.
+void attention_into(const Tensor& qkv, Tensor& out, const std::vector<int64_t>& cu, int64_t longest, int64_t n_head,
+                    float scale);
+// cu_seqlens as int64 on the host, validated against T tokens and max_seqlen; *longest = the longest length.
+std::vector<int64_t> check_cu_seqlens(const Tensor& cu_seqlens, int64_t T, int64_t max_seqlen, int64_t* longest);
 Tensor dropout_keep_mask(int64_t seed, int64_t stream, int64_t rows, int64_t cols, double p);
 
 // ---- layer_norm.cpp ----
@@ -56,8 +61,19 @@ Tensor embed_layer_norm_fwd(const Tensor& ids, const Tensor& type_ids, const Ten
                             double eps);
 
 // ---- layer.cpp ----
-Tensor encoder_layer(const Tensor& x, const std::vector<Tensor>& weights, const Tensor& cu_seqlens,
-                     int64_t max_seqlen, int64_t n_head, double eps1, double eps2, bool tanh_approx);
+// One post-LN encoder layer's weights (fastdistil/layer_weights.py's LayerWeights; nn.Linear layout (out, in)).
+struct LayerW {
+  Tensor w_qkv, b_qkv, w_o, b_o, ln1_w, ln1_b, w_in, b_in, w_out, b_out, ln2_w, ln2_b;
+  double eps1 = 1e-12, eps2 = 1e-12;
+  int64_t heads = 0;
+  bool tanh = false;               // GELU: false = erf, true = tanh approximation
+  Tensor pk_qkv, pk_o, pk_in, pk_out;  // oneDNN-prepacked w_qkv, w_o, w_in, w_out, or undefined (ATen addmm)
+};
+// Every layer on x (T, d), one call: the per-thread workspace is reused across layers and calls. Either every
+// layer carries prepacked weights (oneDNN matmul) or none does (addmm).
+Tensor encoder(const Tensor& x, const std::vector<LayerW>& layers, const Tensor& cu_seqlens, int64_t max_seqlen);
+// A LayerWeights (read by field name) and its optional [4] prepacked weights as a LayerW; i names it in errors.
+LayerW layer_from_py(pybind11::handle w, pybind11::handle packed, size_t i);
 
 // Rows per parallel chunk such that a chunk holds at least ~`min_elems` elements (small inputs stay on one thread).
 inline int64_t row_grain(int64_t N, int64_t min_elems = 16384) { return std::max<int64_t>(1, min_elems / std::max<int64_t>(N, 1)); }

@@ -55,19 +55,22 @@ class LeftPad:
         self.state = None
 
     @classmethod
-    def build(cls, attention_mask: torch.Tensor | None, p: Packing) -> "LeftPad | None":
+    def build(cls, attention_mask: torch.Tensor | None, p: Packing, lead_any: bool | None = None) -> "LeftPad | None":
         """The side rows of a batch, or None when no row's position 0 is padding (no extra work then).
 
         Args:
             attention_mask: (B, L) mask the batch was unpacked with (nonzero = real token), or None.
             p: its Packing.
+            lead_any: whether some row's position 0 is padding, when the caller knows it without a device read
+                (FastStudent reads it from host masks); None: decided here (one host sync, none under
+                torch.compile or in the capacity layout, which take every row).
         """
-        if attention_mask is None or p.batch == 0 or p.seqlen == 0:
+        if attention_mask is None or p.batch == 0 or p.seqlen == 0 or lead_any is False:
             return None
         lead = ~attention_mask[:, 0].to(device=p.cu_seqlens.device, dtype=torch.bool)  # (B,)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or p.capacity:
             return cls(lead, p, every_row=True)
-        if not bool(lead.any()):
+        if lead_any is None and not bool(lead.any()):
             return None
         return cls(lead, p, every_row=False)
 
@@ -77,7 +80,10 @@ class LeftPad:
         if packed and not self.every_row:  # every_row: tokens are all of them, in order
             k, v = k.index_select(0, self.tokens), v.index_select(0, self.tokens)
         E, Lk = self.key_mask.shape
-        self._k, self._v = (x.new_zeros(E, Lk, *x.shape[1:]).index_put((self._row, self._pos), x) for x in (k, v))
+        # the capacity layout's spare rows (row E, fastdistil/padding.py) go to one slot past the E x Lk keys
+        flat = torch.where(self._row < E, self._row * Lk + self._pos, E * Lk)
+        self._k, self._v = (x.new_zeros(E * Lk + 1, *x.shape[1:]).index_put((flat,), x)[:E * Lk].view(
+            E, Lk, *x.shape[1:]) for x in (k, v))
 
     def attend(self, q: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
         """Attention of the side rows' queries q (E, H, D) over their rows' real keys: (E, H, D). A row with no

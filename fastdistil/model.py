@@ -9,15 +9,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from . import ops
+from .arch.distilbert import sinusoidal
+from .arch.roberta import position_ids as offset_positions
 from .backend import resolve
 from .config import FastStudentConfig
 from .hf_surface import PreTrainedSurface
-from .inputs import check_hf_kwargs, check_inputs
+from .inputs import check_hf_kwargs, check_host, check_inputs, is_host
 from .leftpad import LeftPad
 from .outputs import ModelOutput
-from .padding import Packing, gather, pad, unpad
+from .ops.checks import trusted_packing
+from .padding import Packing, gather, pack_host, pad, unpack_static, unpad
+from .layer_weights import LayerWeights, activation_name, attend, layer_ops
 from .weight_cache import fused_qkv
 
 
@@ -27,32 +32,65 @@ def _node(**children) -> nn.ModuleDict:
 
 
 class Embeddings(nn.Module):
+    """word + position (+ token type) -> LayerNorm, in the variant of cfg's architecture (fastdistil/arch/):
+    DistilBERT has no token-type table; RoBERTa counts default positions from padding_idx + 1 (see positions)."""
+
     def __init__(self, cfg: FastStudentConfig):
         super().__init__()
         d = cfg.hidden_size
         self.word_embeddings = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, d)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d,
+                                                padding_idx=cfg.pad_token_id if cfg.position_offset else None)
+        if cfg.token_types:
+            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, d)
+        else:  # one zero row, not a parameter: the fused op's type gather then adds exactly 0
+            self.token_type_embeddings = None
+            self.register_buffer("no_types", torch.zeros(1, d), persistent=False)
         self.LayerNorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.dropout_p = cfg.hidden_dropout_prob
+        self.position_offset = cfg.position_offset
+        self.sinusoidal = cfg.sinusoidal_positions
+
+    def positions(self, input_ids, position_ids):
+        """position_ids as given, or the architecture's default computed from (B, L) input_ids where it is not
+        0..L-1 (RoBERTa: see arch/roberta.position_ids); None means 0..L-1 (fastdistil/inputs.py)."""
+        if position_ids is not None or self.position_offset is None or not isinstance(input_ids, torch.Tensor) \
+                or input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            return position_ids  # bad ids are refused by check_inputs, by name
+        return offset_positions(input_ids, self.position_offset - 1)
 
     def forward(self, ids, token_type_ids, position_ids):  # each (T,) -> (T, d)
-        word = self.word_embeddings
+        word, types = self.word_embeddings, self.token_type_embeddings
+        type_weight = self.no_types if types is None else types.weight
+        if types is None:
+            token_type_ids = torch.zeros_like(ids)
         if type(word) is nn.Embedding and not (word._forward_hooks or word._forward_pre_hooks):
             x = ops.embed_layer_norm(ids, token_type_ids, position_ids, word.weight,
-                                     self.position_embeddings.weight, self.token_type_embeddings.weight,
+                                     self.position_embeddings.weight, type_weight,
                                      self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
                                      padding_idx=word.padding_idx)
         else:  # set_input_embeddings' module, or hooks on it (PEFT, NEFTune, enable_input_require_grads): call it
-            x = word(ids) + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+            x = word(ids) if types is None else word(ids) + types(token_type_ids)
+            x = x + self.position_embeddings(position_ids)
             x = ops.layer_norm(x, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)  # (T, d)
-        return F.dropout(x, self.dropout_p, self.training)
+        return F.dropout(x, self.dropout_p, True) if self.training else x  # eval: not even a dispatcher call
 
 
 def _plain(lin: nn.Module) -> bool:
     """A bare nn.Linear with a bias and no hooks: its weight and bias may go straight into a fused op. Anything else
     (a PEFT LoRA wrapper, a hooked or quantised linear) is called as a module, so what it adds takes effect."""
     return type(lin) is nn.Linear and lin.bias is not None and not (lin._forward_hooks or lin._forward_pre_hooks)
+
+
+def _weight_bias(lin: nn.Module):
+    """(weight, bias) of a plain linear (see _plain), else None; read from its parameter dict (no __getattr__)."""
+    if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+        return None
+    ps = lin._parameters
+    w, b = ps.get("weight"), ps.get("bias")
+    if w is None or b is None:  # reassigned outside the parameter dict, or no bias: ask the module
+        w, b = lin.weight, lin.bias
+    return None if b is None else (w, b)
 
 
 def _dense_layer_norm(block, h, residual, p_drop: float):
@@ -78,47 +116,63 @@ class Layer(nn.Module):
         self.attn_dropout, self.hidden_dropout = cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob
         self.gelu_approximate = cfg.gelu_approximate
 
-    def qkv_weight(self):
-        """W_qkv (3d, d) and b_qkv (3d,): one GEMM for the three projections. Concatenated per call while
-        training; cached when no gradient is needed (weight_cache.fused_qkv: not copied or pickled with the model)."""
+    def _qkv(self):
+        """W_qkv (3d, d) and b_qkv (3d,) when query, key and value are plain linears, else None. Concatenated per
+        call while training; cached when no gradient is needed (fastdistil/weight_cache.py, not on the module)."""
         s = self.attention["self"]
-        return fused_qkv(self, (s["query"].weight, s["key"].weight, s["value"].weight, s["query"].bias,
-                                s["key"].bias, s["value"].bias))
+        q, k, v = _weight_bias(s["query"]), _weight_bias(s["key"]), _weight_bias(s["value"])
+        if q is None or k is None or v is None:
+            return None
+        return fused_qkv((q[0], k[0], v[0], q[1], k[1], v[1]))
 
-    def plain(self) -> bool:
-        """Every projection is a bare nn.Linear (see _plain): a backend may then read the weights directly."""
-        s = self.attention["self"]
-        return all(_plain(m) for m in (s["query"], s["key"], s["value"], self.attention["output"]["dense"],
-                                       self.intermediate["dense"], self.output["dense"]))
+    def weights(self) -> LayerWeights | None:
+        """This layer as a LayerWeights (fastdistil/layer_weights.py), or None when a projection is not a bare
+        nn.Linear (PEFT LoRA, quantised, hooked: see _plain); the module path then runs so that it takes effect.
+        Built per call (inference calls it once per layer and forward: it reads the parameter dicts directly)."""
+        o, f = self.attention["output"], self.output
+        wo, wi, wf = _weight_bias(o["dense"]), _weight_bias(self.intermediate["dense"]), _weight_bias(f["dense"])
+        qkv = None if wo is None or wi is None or wf is None else self._qkv()
+        if qkv is None:
+            return None
+        ln1, ln2 = o["LayerNorm"], f["LayerNorm"]
+        return LayerWeights(*qkv, *wo, ln1.weight, ln1.bias, *wi, *wf, ln2.weight, ln2.bias, ln1.eps, ln2.eps,
+                            self.n_head, activation_name(self.gelu_approximate), "post", self.attn_dropout,
+                            self.hidden_dropout)
+
+    def qkv(self, x):
+        """q, k, v (N, H, D) of rows x (N, d): one GEMM when the three projections are plain."""
+        s, qkv = self.attention["self"], self._qkv()
+        if qkv is not None:
+            return F.linear(x, *qkv).view(-1, 3, self.n_head, self.head_dim).unbind(1)
+        return tuple(s[n](x).view(-1, self.n_head, self.head_dim) for n in ("query", "key", "value"))
 
     def kv(self, x):
         """k, v (N, H, D) of rows x (N, d) (the keys of leftpad's side rows)."""
         s, d = self.attention["self"], x.shape[-1]
-        if _plain(s["query"]) and _plain(s["key"]) and _plain(s["value"]):
-            w, b = self.qkv_weight()
+        qkv = self._qkv()
+        if qkv is not None:
+            w, b = qkv
             return F.linear(x, w[d:], b[d:]).view(-1, 2, self.n_head, self.head_dim).unbind(1)
         return tuple(s[n](x).view(-1, self.n_head, self.head_dim) for n in ("key", "value"))
 
     def forward(self, x, p: Packing, tap: dict | None = None):  # x (T, d)
-        if tap is None and not self.training and not torch.is_grad_enabled() and self.plain():  # a backend may run
-            return ops.dispatch.lookup("encoder_layer", x.device)(self, x, p)  # the whole layer in one call
+        if tap is None and not self.training and not torch.is_grad_enabled():
+            w = self.weights()
+            if w is not None:  # a backend may run the whole layer in one call
+                return ops.dispatch.lookup("encoder_layer", x.device)(w, x, p)
         return self.forward_ops(x, p, tap)
 
     def forward_ops(self, x, p: Packing, tap: dict | None = None):  # x (T, d): the layer as a sequence of ops
-        T, d = x.shape
-        H, D = self.n_head, self.head_dim
+        w = self.weights()
+        if w is not None:  # the plain layer: written once, in layer_weights.layer_ops
+            return layer_ops(w, x, p, training=self.training, tap=tap)
+        T, d = x.shape  # adapters (PEFT LoRA) or hooks on a projection: call the modules where they are
         drop = self.training
-        s = self.attention["self"]
-        if _plain(s["query"]) and _plain(s["key"]) and _plain(s["value"]):
-            w, b = self.qkv_weight()
-            q, k, v = F.linear(x, w, b).view(T, 3, H, D).unbind(1)  # (T, H, D) each
-        else:  # adapters (PEFT LoRA) or hooks on a projection: call the modules
-            q, k, v = (s[n](x).view(T, H, D) for n in ("query", "key", "value"))
+        q, k, v = self.qkv(x)  # (T, H, D) each
         if tap is not None:
             tap.update(q=q, k=k, v=v)
         a_drop = self.attn_dropout if drop else 0.0
-        ctx = (p.attend(q, a_drop) if isinstance(p, LeftPad)  # query-only side rows (fastdistil/leftpad.py)
-               else ops.varlen_attention(q, k, v, p.cu_seqlens, p.max_seqlen, dropout_p=a_drop))  # (T, H, D)
+        ctx = attend(q, k, v, p, a_drop)  # (T, H, D)
         o, f = self.attention["output"], self.output
         p_drop = self.hidden_dropout if drop else 0.0
         x = _dense_layer_norm(o, ctx.reshape(T, d), x, p_drop)  # (T, d)
@@ -128,7 +182,14 @@ class Layer(nn.Module):
         return _dense_layer_norm(f, h, x, p_drop)  # (T, d)
 
 
-ops.dispatch.register("encoder_layer", "torch")(lambda layer, x, p: layer.forward_ops(x, p))
+ops.dispatch.register("encoder_layer", "torch")(lambda w, x, p: layer_ops(w, x, p))
+
+
+@ops.dispatch.register("encoder", "torch")
+def _encoder_torch(ws, x, p):  # the whole inference encoder as each layer's op sequence
+    for w in ws:
+        x = layer_ops(w, x, p)
+    return x
 
 
 class Pooler(nn.Module):
@@ -137,6 +198,8 @@ class Pooler(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, cls):  # (B, d) -> (B, d)
+        if _plain(self.dense):  # one launch on the triton backend (ops/pooler.py)
+            return ops.linear_tanh(cls, self.dense.weight, self.dense.bias)
         return torch.tanh(self.dense(cls))
 
 
@@ -149,7 +212,7 @@ class FastStudent(PreTrainedSurface, nn.Module):
         self.config = config
         self.embeddings = Embeddings(config)
         self.encoder = _node(layer=nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers)))
-        self.pooler = Pooler(config) if add_pooling_layer else None
+        self.pooler = Pooler(config) if add_pooling_layer and config.arch.pooler else None  # DistilBERT: none
         self.gradient_checkpointing, self._checkpoint = False, None  # see gradient_checkpointing_enable
         self.apply(self._init_weights)
 
@@ -164,6 +227,9 @@ class FastStudent(PreTrainedSurface, nn.Module):
         if isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        if isinstance(m, Embeddings) and m.sinusoidal:  # after its tables (apply visits children first)
+            with torch.no_grad():
+                m.position_embeddings.weight.copy_(sinusoidal(*m.position_embeddings.weight.shape))
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -178,43 +244,87 @@ class FastStudent(PreTrainedSurface, nn.Module):
         return self.embeddings.word_embeddings.weight.dtype
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                output_hidden_states: bool | None = False, return_dict: bool | None = True, **hf_kwargs):
+                output_hidden_states: bool | None = False, return_dict: bool | None = True, *,
+                check_inputs: bool = True, **hf_kwargs):
         """Same arguments and outputs as transformers.BertModel.forward.
 
         Args:
             input_ids: (B, L) integer token ids.
             attention_mask: optional (B, L), 1 = real token. Padded positions of the outputs are zeros.
-            token_type_ids, position_ids: optional (B, L); default zeros and 0..L-1.
+            token_type_ids, position_ids: optional (B, L); default zeros and 0..L-1 (RoBERTa: counted from
+                padding_idx + 1 over the non-pad ids, as transformers does).
             output_hidden_states: also return embeddings + every layer's output, each (B, L, d).
+            check_inputs: check the id ranges and mask values. Host (CPU) inputs are checked on the host for free;
+                inputs already on a GPU cost one fused check and one host sync, which False skips (for CUDA
+                graphs and torch.compile: out-of-range ids then read outside the tables).
             hf_kwargs: BertModel.forward's other keywords, accepted where harmless (use_cache, head_mask=None,
                 output_attentions=False, ...) and refused by name otherwise; any other keyword is a TypeError.
         Returns:
             ModelOutput with last_hidden_state (B, L, d), pooler_output (B, d) and hidden_states (or None).
         """
         check_hf_kwargs(hf_kwargs)
-        ids, tt, pos, p = self.prepare(input_ids, attention_mask, token_type_ids, position_ids)
-        side = None if self.pooler is None else self._left_padded(input_ids, attention_mask, token_type_ids,
-                                                                   position_ids, p)
-        x, hidden = self.forward_packed(ids, tt, pos, p, output_hidden_states=output_hidden_states, side=side)
+        out = self._forward(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states,
+                            check_inputs)
+        return out if return_dict or return_dict is None else out.to_tuple()
+
+    def _forward(self, input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states=False,
+                 check: bool = True, lead: bool | None = None, static: bool = False) -> ModelOutput:
+        """forward's body. `lead`: whether some row starts with padding, when the caller knows; `static`: the
+        capacity layout even for host tensors (GraphRunner: what it captures on a GPU, it runs so on the CPU)."""
+        position_ids = self.embeddings.positions(input_ids, position_ids)  # the architecture's default
+        ids, tt, pos, p, known = self._prepare(input_ids, attention_mask, token_type_ids, position_ids, check,
+                                               static)
+        lead = known if lead is None else lead
+        with trusted_packing():  # the model's own cu_seqlens: no per-layer value checks (ops/checks.py)
+            side = None if self.pooler is None else self._left_padded(input_ids, attention_mask, token_type_ids,
+                                                                       position_ids, p, lead)
+            x, hidden = self.forward_packed(ids, tt, pos, p, output_hidden_states=output_hidden_states, side=side)
         last = pad(x, p)  # (B, L, d)
         cls = last[:, 0] if side is None else side.first(last[:, 0])  # (B, d): transformers' [CLS] values
         pooled = self.pooler(cls) if self.pooler is not None else None
         hs = tuple(pad(h, p) for h in hidden) if output_hidden_states else None
-        out = ModelOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hs)
-        return out if return_dict or return_dict is None else out.to_tuple()
+        return ModelOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hs)
+
+    def cuda_graphs(self, **kw):
+        """A fastdistil.GraphRunner of this model: CUDA-graph replay of the inference forward and of encode, one
+        graph per (batch, length) bucket (see fastdistil/graphs.py for the buckets and their memory)."""
+        from .graphs import GraphRunner
+        return GraphRunner(self, **kw)
 
     def prepare(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
-        """Check the inputs (one host sync for all value checks) and pack them: (ids, tt, pos) (T,) + Packing."""
-        ids, mask, tt, pos = check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids,
-                                          self.device)  # (B, L) each; fastdistil/inputs.py
-        p = unpad(mask, *ids.shape, ids.device)
-        return gather(ids, p), gather(tt, p), gather(pos, p), p
+        """Check the inputs and pack them, exact layout: (ids, tt, pos) (T,) + Packing (fastdistil/inputs.py,
+        padding.py). Host inputs cost no sync; device inputs with a mask one (pass host tensors)."""
+        position_ids = self.embeddings.positions(input_ids, position_ids)  # the architecture's default
+        return self._prepare(input_ids, attention_mask, token_type_ids, position_ids, exact=True)[:4]
 
-    def _left_padded(self, input_ids, attention_mask, token_type_ids, position_ids, p: Packing):
+    def _prepare(self, input_ids, attention_mask, token_type_ids, position_ids, check: bool = True,
+                 static: bool = False, exact: bool = False):
+        """(ids, tt, pos, Packing, lead) where lead says whether some row starts with padding (None: unknown).
+
+        Host inputs (tokenizer output): checked and packed on the host, one copy to the device, no sync.
+        Device inputs: exact packing (one sync) while autograd records; otherwise, and under torch.compile, the
+        capacity layout (padding.unpad_static): no sync, static shapes."""
+        if not static and is_host(input_ids, attention_mask, token_type_ids, position_ids):
+            ids, mask, tt, pos = check_host(self.config, input_ids, attention_mask, token_type_ids, position_ids,
+                                            values=check)  # numpy (B, L) each
+            lead = None if mask is None else bool((~mask[:, 0]).any())
+            return (*pack_host(ids, mask, tt, pos, self.device), lead)
+        ids, mask, tt, pos, lead = check_inputs(self.config, input_ids, attention_mask, token_type_ids,
+                                                position_ids, self.device, values=check, defaults=False,
+                                                want_lead=True)  # (B, L) each or None; lead read with the checks
+        B, L = ids.shape
+        if mask is not None and not exact and not torch.is_grad_enabled():  # (capacity rows: no gradients)
+            return (*unpack_static(ids, mask, tt, pos), lead)  # one launch on the triton backend
+        tt = torch.zeros_like(ids) if tt is None else tt
+        pos = torch.arange(L, device=ids.device).expand(B, L) if pos is None else pos
+        p = unpad(mask, B, L, ids.device)  # no mask: no sync; else exact layout, one sync (autograd records)
+        return gather(ids, p), gather(tt, p), gather(pos, p), p, lead
+
+    def _left_padded(self, input_ids, attention_mask, token_type_ids, position_ids, p: Packing, lead=None):
         """The rows whose position 0 is padding, as query-only side rows (None when there are none). The pooler
         reads position 0, where transformers computes a value from the pad token (fastdistil/leftpad.py);
         last_hidden_state keeps zeros there."""
-        side = LeftPad.build(attention_mask, p)
+        side = LeftPad.build(attention_mask, p, lead)
         if side is not None:
             r = side.rows
 
@@ -244,6 +354,24 @@ class FastStudent(PreTrainedSurface, nn.Module):
             side.keys(*layer.kv(x.index_select(0, side.tokens)), packed=False)
         side.state = layer.forward_ops(side.state, side)  # (E, d)
 
+    def _encoder_weights(self, x) -> list[LayerWeights] | None:
+        """Every layer's LayerWeights when the whole inference encoder may run as one ``encoder`` op: eval mode, no
+        autograd, a backend that implements it, and every layer a plain, hook-free Layer (else None: per layer)."""
+        if torch.is_grad_enabled() or not ops.dispatch.implemented("encoder", resolve(x.device)):
+            return None
+        if _global_forward_hooks or _global_forward_pre_hooks:
+            return None
+        ws = []
+        for layer in self.layers:
+            if (layer.training or type(layer).forward is not Layer.forward or layer._forward_hooks
+                    or layer._forward_pre_hooks):
+                return None
+            w = layer.weights()
+            if w is None:
+                return None
+            ws.append(w)
+        return ws
+
     def forward_packed(self, ids, tt, pos, p: Packing, output_hidden_states: bool = False, taps=(),
                        side: LeftPad | None = None):
         """The padding-free core: (T,) ids -> (T, d). Returns (x, hidden) where hidden lists the embeddings and
@@ -252,6 +380,9 @@ class FastStudent(PreTrainedSurface, nn.Module):
         x = self.embeddings(ids, tt, pos)  # (T, d)
         hidden = [x] if output_hidden_states else []
         self.tapped = {}
+        ws = None if taps or side is not None or output_hidden_states else self._encoder_weights(x)
+        if ws is not None:  # inference: every layer in one op (native: one C++ call)
+            return ops.dispatch.lookup("encoder", x.device)(ws, x, p), hidden
         for i, layer in enumerate(self.layers):
             tap = self.tapped.setdefault(i, {}) if i in taps else None
             if side is not None and tap is None and not self.gradient_checkpointing and (
@@ -282,7 +413,8 @@ class FastStudent(PreTrainedSurface, nn.Module):
 
     @classmethod
     def from_hf(cls, bert_model):
-        """Convert a transformers BertModel (or a model holding one as `.bert`) in memory."""
+        """Convert a transformers BertModel, DistilBertModel, RobertaModel or XLMRobertaModel (or a head holding
+        one) in memory (fastdistil/arch/)."""
         from .loading import from_hf
         return from_hf(cls, bert_model)
 
@@ -290,6 +422,12 @@ class FastStudent(PreTrainedSurface, nn.Module):
         """Return an equivalent transformers.BertModel holding copies of these weights."""
         from .loading import to_hf
         return to_hf(self)
+
+    def quantize(self, mode: str = "int8", *, calibration=None, min_cosine: float = 0.998, **kw):
+        """int8 GEMMs for CPU inference, in place, with a measured accuracy bound (fastdistil/quantize.py).
+        Returns self; `self.quantization` reports the GEMMs kept fp32 and the worst-sequence cosine reached."""
+        from .quantize import quantize
+        return quantize(self, mode, calibration=calibration, min_cosine=min_cosine, **kw)
 
     def encode(self, texts, tokenizer=None, *, batch_size: int = 64, normalize: bool = True, max_length=None,
                show_progress: bool = False):

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from . import ops
 from .ops.checks import FLOAT_DTYPES
 from .leftpad import LeftPad
+from .layer_weights import LayerWeights, activation_name, attend, layer_ops
 from .model import _plain
 from .ops.dispatch import lookup
 from .padding import Packing, gather, pad, unpad
@@ -71,8 +72,7 @@ _ORIGINAL = "_fastdistil_original_class"
 _SUPPORTED_DEVICES = ("cpu", "cuda")
 _GELU = {"GELUActivation": "none", "GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "NewGELUActivation": "tanh",
          "FastGELUActivation": "tanh"}
-_INSTANCE_ATTRS = ("_fastdistil_gelu", "_fastdistil_derived", "_fastdistil_padding_free", "_fastdistil_report",
-                   "_fastdistil_view")
+_INSTANCE_ATTRS = ("_fastdistil_gelu", "_fastdistil_padding_free", "_fastdistil_report")
 _FUSED: dict[tuple[type, str], type] = {}  # (original class, role) -> fused subclass
 _HF: dict = {}  # transformers objects, imported on the first patch (importing fastdistil never imports transformers)
 # True while a head computes a loss that reads logits at padded positions (see _loss_reads_padding): the encoder then
@@ -91,32 +91,40 @@ def _drop(dropout: nn.Module) -> float:
     return dropout.p if dropout.training else 0.0
 
 
-def _qkv_weight(sa: nn.Module):
-    """W_qkv (3d, d), b_qkv (3d,) from the three projections: concatenated per call when a gradient is needed or
-    under torch.compile, otherwise cached on the module (weight_cache.fused_qkv: not copied or pickled with it)."""
-    return fused_qkv(sa, (sa.query.weight, sa.key.weight, sa.value.weight, sa.query.bias, sa.key.bias,
-                          sa.value.bias))
+def _fused_qkv(sa: nn.Module):
+    """W_qkv (3d, d), b_qkv (3d,) when the three projections are plain linears, else None (weight_cache.fused_qkv:
+    concatenated per call when a gradient is needed, otherwise cached in the weight cache, not on the module)."""
+    if not (_plain(sa.query) and _plain(sa.key) and _plain(sa.value)):
+        return None
+    return fused_qkv((sa.query.weight, sa.key.weight, sa.value.weight, sa.query.bias, sa.key.bias, sa.value.bias))
+
+
+def _weights(layer: nn.Module) -> LayerWeights | None:
+    """The HF layer's own parameters as a LayerWeights (nothing copied; the fused QKV is the cached one), or None
+    when a linear is not plain (PEFT, quantised, hooked) or its two hidden dropouts differ: the module path runs.
+    The dropout fields hold the probabilities the HF dropout modules apply now (0 in eval mode)."""
+    sa, ao, out = layer.attention.self, layer.attention.output, layer.output
+    h_drop = _drop(ao.dropout)
+    if not (_plain(ao.dense) and _plain(layer.intermediate.dense) and _plain(out.dense)) \
+            or _drop(out.dropout) != h_drop:
+        return None
+    qkv = _fused_qkv(sa)
+    if qkv is None:
+        return None
+    return LayerWeights(*qkv, ao.dense.weight, ao.dense.bias, ao.LayerNorm.weight, ao.LayerNorm.bias,
+                        layer.intermediate.dense.weight, layer.intermediate.dense.bias, out.dense.weight,
+                        out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias, ao.LayerNorm.eps, out.LayerNorm.eps,
+                        sa.num_attention_heads, activation_name(layer._fastdistil_gelu), "post", _drop(sa.dropout),
+                        h_drop)
 
 
 def _qkv(sa: nn.Module, x: torch.Tensor):
     """q, k, v each (..., H, D) from x (..., d): one GEMM when the three projections are plain linears."""
     H, D = sa.num_attention_heads, sa.attention_head_size
-    if _plain(sa.query) and _plain(sa.key) and _plain(sa.value):
-        w, b = _qkv_weight(sa)
-        return F.linear(x, w, b).unflatten(-1, (3, H, D)).unbind(-3)  # 3 x (..., H, D)
+    qkv = _fused_qkv(sa)
+    if qkv is not None:
+        return F.linear(x, *qkv).unflatten(-1, (3, H, D)).unbind(-3)  # 3 x (..., H, D)
     return tuple(lin(x).unflatten(-1, (H, D)) for lin in (sa.query, sa.key, sa.value))
-
-
-def _attend(q, k, v, where, dropout_p: float):
-    """Attention on either layout. Packed: q, k, v (T, H, D), `where` a Packing. Padded: (B, L, H, D), `where` a
-    (B, L) key mask or None. Returns the layout it was given."""
-    if isinstance(where, Packing):
-        return ops.varlen_attention(q, k, v, where.cu_seqlens, where.max_seqlen, dropout_p=dropout_p)  # (T, H, D)
-    if isinstance(where, LeftPad):  # query-only side rows (E, H, D): keys are their rows' real tokens
-        return where.attend(q, dropout_p)
-    ctx = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), where,
-                        dropout_p=dropout_p)  # (B, H, L, D)
-    return ctx.transpose(1, 2)  # (B, L, H, D)
 
 
 def _dense_layer_norm(block: nn.Module, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -137,37 +145,15 @@ def _dense_gelu(block: nn.Module, x: torch.Tensor, approximate: str) -> torch.Te
 
 def _layer_compute(layer: nn.Module, x: torch.Tensor, where) -> torch.Tensor:
     """One post-LN BERT layer on the fused ops. x: (T, d) with a Packing, or (B, L, d) with a key mask / None."""
-    sa = layer.attention.self
+    w = _weights(layer)
+    if w is not None:  # the plain layer, as FastStudent's (dropout: the probabilities _weights read)
+        return layer_ops(w, x, where, training=True)
+    sa = layer.attention.self  # adapters or hooks on a linear: call the modules where they are
     q, k, v = _qkv(sa, x)  # (..., H, D) each
-    ctx = _attend(q, k, v, where, _drop(sa.dropout)).flatten(-2)  # (..., d)
+    ctx = attend(q, k, v, where, _drop(sa.dropout)).flatten(-2)  # (..., d)
     x = _dense_layer_norm(layer.attention.output, ctx, x)  # (..., d)
     h = _dense_gelu(layer.intermediate, x, layer._fastdistil_gelu)  # (..., 4d)
     return _dense_layer_norm(layer.output, h, x)  # (..., d)
-
-
-class _LayerView:
-    """FastStudent's Layer, as the ``encoder_layer`` op sees it (a backend may run a whole inference layer in one
-    call: native does), over an HF layer's own modules. Kept on the layer (see :func:`_layer_view`) so the backend's
-    per-layer caches (native's prepacked oneDNN weights) survive between calls; nothing is copied (the fused QKV
-    weight is the cached one of :func:`_qkv_weight`)."""
-
-    training = False
-
-    def __init__(self, layer: nn.Module):
-        a = layer.attention
-        self.hf = layer
-        self.attention = {"self": {"query": a.self.query, "key": a.self.key, "value": a.self.value},
-                          "output": {"dense": a.output.dense, "LayerNorm": a.output.LayerNorm}}
-        self.intermediate = {"dense": layer.intermediate.dense}
-        self.output = {"dense": layer.output.dense, "LayerNorm": layer.output.LayerNorm}
-        self.n_head, self.head_dim = a.self.num_attention_heads, a.self.attention_head_size
-        self.gelu_approximate = layer._fastdistil_gelu
-
-    def qkv_weight(self):
-        return _qkv_weight(self.hf.attention.self)
-
-    def forward_ops(self, x, p: Packing, tap=None):
-        return _layer_compute(self.hf, x, p)
 
 
 def _side_step(layer: nn.Module, side: LeftPad, x: torch.Tensor) -> None:
@@ -176,33 +162,15 @@ def _side_step(layer: nn.Module, side: LeftPad, x: torch.Tensor) -> None:
     sa = layer.attention.self
     H, D = sa.num_attention_heads, sa.attention_head_size
     xs = x.index_select(0, side.tokens)  # (N, d)
-    if _plain(sa.query) and _plain(sa.key) and _plain(sa.value):
-        w, b = _qkv_weight(sa)
+    qkv = _fused_qkv(sa)
+    if qkv is not None:
+        w, b = qkv
         d = w.shape[1]
         k, v = F.linear(xs, w[d:], b[d:]).unflatten(-1, (2, H, D)).unbind(-3)  # (N, H, D) each
     else:
         k, v = (lin(xs).unflatten(-1, (H, D)) for lin in (sa.key, sa.value))
     side.keys(k, v, packed=False)
     side.state = _layer_compute(layer, side.state, side)  # (E, d)
-
-
-def _layer_view(layer: nn.Module) -> _LayerView:
-    """The layer's _LayerView, rebuilt only when one of its submodules was swapped since it was made."""
-    a = layer.attention
-    parts = (a.self.query, a.self.key, a.self.value, a.output.dense, a.output.LayerNorm, layer.intermediate.dense,
-             layer.output.dense, layer.output.LayerNorm)
-    cached = layer.__dict__.get("_fastdistil_view")
-    if cached is None or any(x is not y for x, y in zip(cached[0], parts)):
-        cached = layer.__dict__["_fastdistil_view"] = (parts, _LayerView(layer))
-    return cached[1]
-
-
-def _whole_layer_ok(layer: nn.Module) -> bool:
-    """Inference with every linear plain: the layer may go to ``encoder_layer`` as one op."""
-    sa = layer.attention.self
-    return (not layer.training and not torch.is_grad_enabled()
-            and all(_plain(x) for x in (sa.query, sa.key, sa.value, layer.attention.output.dense,
-                                        layer.intermediate.dense, layer.output.dense)))
 
 
 def _original(module: nn.Module) -> type:
@@ -399,8 +367,10 @@ def _layer_forward(self, *args, **kwargs):
     if attention_mask is _NO:
         return _fallback(self, fn, args, kwargs, call, unknown)
     hidden_states = call["hidden_states"]
-    if isinstance(attention_mask, Packing) and _whole_layer_ok(self):  # as FastStudent: one encoder_layer op
-        out = lookup("encoder_layer", hidden_states.device)(_layer_view(self), hidden_states, attention_mask)
+    w = (_weights(self) if isinstance(attention_mask, Packing) and not self.training and not torch.is_grad_enabled()
+         else None)
+    if w is not None:  # inference on the packed route, as FastStudent: one encoder_layer op
+        out = lookup("encoder_layer", hidden_states.device)(w, hidden_states, attention_mask)
     else:
         out = _layer_compute(self, hidden_states, attention_mask)
     return (out,) if _HF["legacy"] else out
@@ -607,6 +577,23 @@ def _load_transformers() -> bool:
     return True
 
 
+_ARCH_PREPARE: dict = {}  # role -> per-instance setup of another architecture's fused module (padding_free, GELU)
+
+
+def _arch_patches() -> list:
+    """The patch pieces of architectures whose classes are not BERT's code, named by the registry (Arch.patch in
+    fastdistil/arch/): each module offers role(module) -> (role, why) | None, and FORWARDS / PREPARE by role."""
+    import importlib
+
+    from .arch import ARCHS
+    mods = [importlib.import_module(f".arch.{n}", __package__)
+            for n in dict.fromkeys(a.patch for a in ARCHS.values() if a.patch)]
+    for mod in mods:
+        _FORWARDS.update(mod.FORWARDS)
+        _ARCH_PREPARE.update(mod.PREPARE)
+    return mods
+
+
 def _is_fused(m: nn.Module) -> bool:
     return _ORIGINAL in type(m).__dict__
 
@@ -736,12 +723,16 @@ def patch(model: nn.Module, *, padding_free: bool = True, exact_padded_loss: boo
               f"{transformers.__version__}); the model is left unpatched")
         return model
     bert = _HF["bert"]
+    archs = _arch_patches()
 
     plan: list[tuple[str, nn.Module, str]] = []  # (name, module, role)
     skipped: dict[str, str] = {}
     layers_ok: dict[int, bool] = {}
     for name, m in model.named_modules():
-        if hasattr(m, "word_embeddings") and hasattr(m, "LayerNorm") and hasattr(m, "position_embeddings"):
+        hit = next((h for h in (a.role(m) for a in archs) if h is not None), None)
+        if hit is not None:  # another architecture's own classes (fastdistil/arch/*_patch.py)
+            role, why = hit
+        elif hasattr(m, "word_embeddings") and hasattr(m, "LayerNorm") and hasattr(m, "position_embeddings"):
             why, role = _embeddings_problem(m), "embeddings"
         elif _looks_like_layer(m):
             why, role = _layer_problem(m), "layer"
@@ -766,7 +757,7 @@ def patch(model: nn.Module, *, padding_free: bool = True, exact_padded_loss: boo
                 skipped.setdefault(name, _REPLACED_FORWARD)
             else:
                 plan.append((name, m, "encoder"))
-    encoders = {id(m) for _, m, role in plan if role == "encoder"}
+    encoders = {id(m) for _, m, role in plan if role.endswith("encoder")}
     bases = [(n, m) for n, m in model.named_modules()
              if id(getattr(m, "encoder", None)) in encoders and hasattr(type(m), "_create_attention_masks")
              and _same_code(type(m)._create_attention_masks, bert.BertModel._create_attention_masks)
@@ -792,6 +783,8 @@ def patch(model: nn.Module, *, padding_free: bool = True, exact_padded_loss: boo
             m._fastdistil_gelu = _gelu_mode(m.intermediate.intermediate_act_fn)
         if role == "encoder":
             m._fastdistil_padding_free = bool(padding_free)
+        if role in _ARCH_PREPARE:
+            _ARCH_PREPARE[role](m, padding_free)
         _params(type(m).forward)  # read the signature now: never inside torch.compile's trace
         m.__dict__.pop("forward", None)  # only ever the class's own forward, bound (_own_forward): it would shadow ours
         m.__class__ = _fused_class(type(m), role)

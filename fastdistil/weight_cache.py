@@ -1,50 +1,60 @@
-"""Tensors derived from a module's parameters and cached on it: the fused QKV weight, oneDNN-prepacked weights.
+"""Tensors derived from parameters and cached here, not on the model: the fused QKV weight, oneDNN-prepacked weights.
 
-They live in a :class:`DerivedCache` in the module's ``__dict__``, which ``copy.deepcopy`` and pickling (``torch.save``
-of a whole module) see as empty: oneDNN's prepacked tensors cannot be saved at all ("Cannot access storage of
-OpaqueTensorImpl"), and a copy must rebuild from its own parameters rather than carry the original's. They are not
-parameters or buffers, so ``state_dict`` never sees them.
+An entry is keyed on the identity of its source tensors (weak references: the cache never keeps a parameter alive,
+and an entry is dropped when its first source dies) and revalidated on every hit against their storage pointer and
+version counter, so a replaced parameter, an in-place update (``load_state_dict``, ``mul_``) or a ``.data`` swap is
+seen. Nothing lives on the modules, so ``copy.deepcopy``, pickling and ``state_dict`` never see derived tensors
+(oneDNN's prepacked tensors cannot be saved at all: "Cannot access storage of OpaqueTensorImpl"), and a copy of a
+model builds its own from its own parameters.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-_ATTR = "_fastdistil_derived"
+_CACHE: dict = {}  # (tag, id(first source)) -> (weakrefs of the sources, their (data_ptr, _version), value)
 
 
-class DerivedCache(dict):
-    """A dict that copies and pickles as an empty one."""
-
-    def __deepcopy__(self, memo):
-        return DerivedCache()
-
-    def __reduce__(self):
-        return DerivedCache, ()
+def _key(ts) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in ts)
 
 
-def derived_cache(owner) -> DerivedCache:
-    """The DerivedCache of `owner` (a module or any object with a ``__dict__``), made on first use."""
-    cache = owner.__dict__.get(_ATTR)
-    if cache is None:
-        cache = owner.__dict__[_ATTR] = DerivedCache()
-    return cache
+def derived(tag: str, ts, build):
+    """``build(ts)`` for the source tensors `ts`, cached while the same tensors keep their storage and version.
+
+    Callers must not pass inference tensors (inference_mode updates them in place without a version bump, so no key
+    could tell a stale copy) and must not call this while autograd needs the graph through the sources.
+    """
+    k = (tag, id(ts[0]))
+    hit = _CACHE.get(k)
+    if hit is not None and hit[1] == _key(ts) and all(r() is t for r, t in zip(hit[0], ts)):
+        return hit[2]
+    # A normal tensor even when made under inference_mode; no_grad innermost: inference_mode(False) turns grad mode
+    # back on, and a graph would hold the parameters alive through the cached tensor.
+    with torch.inference_mode(False), torch.no_grad():
+        value = build(ts)
+
+    def drop(ref, k=k, cache=_CACHE):  # the first source died: forget the entry if it is still this one
+        e = cache.get(k)  # (`cache` bound here: module globals may already be gone at interpreter exit)
+        if e is not None and e[0][0] is ref:
+            del cache[k]
+    _CACHE[k] = (tuple(weakref.ref(t, drop) if i == 0 else weakref.ref(t) for i, t in enumerate(ts)), _key(ts), value)
+    return value
 
 
-def fused_qkv(owner, ps):
+def clear() -> None:
+    """Forget every derived tensor (they are rebuilt on the next call)."""
+    _CACHE.clear()
+
+
+def fused_qkv(ps):
     """W_qkv (3d, d) and b_qkv (3d,) from ps = (W_q, W_k, W_v, b_q, b_k, b_v): one GEMM for the three projections.
 
     Concatenated per call when autograd needs the graph, under torch.compile, and when any of the six is an inference
-    tensor: inference_mode updates those in place without a version bump (``load_state_dict`` under
-    ``torch.inference_mode()``), so no key could tell a stale copy, and they have no version counter to read.
-    Otherwise cached in `owner`'s DerivedCache while the same six tensors keep their storage and version counters.
+    tensor (see :func:`derived`); otherwise cached while the same six tensors keep their storage and versions.
     """
     if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in ps))
             or any(p.is_inference() for p in ps)):
         return torch.cat(ps[:3]), torch.cat(ps[3:])
-    key = [(p.data_ptr(), p._version, p.dtype, p.device) for p in ps]
-    cache = derived_cache(owner)
-    hit = cache.get("qkv")
-    if hit is None or any(a is not b for a, b in zip(hit[0], ps)) or hit[1] != key:
-        with torch.no_grad(), torch.inference_mode(False):  # a normal tensor even when made under inference_mode
-            hit = cache["qkv"] = (tuple(ps), key, torch.cat(ps[:3]), torch.cat(ps[3:]))
-    return hit[2], hit[3]
+    return derived("qkv", ps, lambda ps: (torch.cat(ps[:3]), torch.cat(ps[3:])))

@@ -2,4 +2,5 @@
 
 KERNEL_MODULES lists the kernel modules; each follows the protocol in spec.py (compile_specs(), cost()).
 """
-KERNEL_MODULES: tuple[str, ...] = ("layer_norm", "gelu", "embedding", "attention", "kd", "relation", "matmul")
+KERNEL_MODULES: tuple[str, ...] = ("layer_norm", "gelu", "embedding", "attention", "kd", "relation", "matmul",
+                                   "padding")

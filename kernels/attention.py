@@ -52,9 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistil.backend import interpreting
 
-from .launch import check_grid, on_tensor_device
+from .launch import cdiv, check_grid, interpreting, on_tensor_device
 from .spec import CompileSpec, Cost, spec
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -421,7 +420,7 @@ def grid(batch_heads: int, seqlen: int, block: int) -> tuple[int, int]:
     """The launch grid of every attention kernel: (batch x heads, blocks along the sequence). batch x heads goes on
     axis 0 (CUDA allows 2^31 - 1 blocks there, 65,535 on axes 1 and 2), so `encode` of a large batch of short texts
     launches; the sequence blocks on axis 1 allow sequences up to 65,535 blocks long."""
-    return check_grid((batch_heads, triton.cdiv(seqlen, block)))
+    return check_grid((batch_heads, cdiv(seqlen, block)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

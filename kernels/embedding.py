@@ -19,11 +19,12 @@ Layout: ids (T,) any integer dtype; tables row-major with unit column stride; N 
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .launch import on_tensor_device
-from .layer_norm import _block_n, ln_rows
+from .launch import cdiv, next_power_of_2, on_tensor_device
+from .layer_norm import _block_n, _num_programs, ln_rows
 from .spec import CompileSpec, Cost, spec
 
 MAX_TYPES_IN_REGISTERS = 16
@@ -150,14 +151,13 @@ def row_config(n: int) -> dict:
 @on_tensor_device
 def embed_fwd(ids, tt, pos, word, type_w, pos_w, ln_w, ln_b, eps, store_stats=True):
     """Launch the forward on (T,) ids. Returns (y (T, N) in word's dtype, mean, rstd (T,) fp32 or empty)."""
-    import torch
     T, N = ids.shape[0], word.shape[1]
     cfg = fwd_config(N)
     y = torch.empty(T, N, device=word.device, dtype=word.dtype)
     mean = torch.empty(T if store_stats else 0, device=word.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     if T:
-        _embed_fwd[(triton.cdiv(T, cfg["ROWS"]),)](ids, tt, pos, word, word.stride(0), type_w, type_w.stride(0), pos_w,
+        _embed_fwd[(cdiv(T, cfg["ROWS"]),)](ids, tt, pos, word, word.stride(0), type_w, type_w.stride(0), pos_w,
                                                   pos_w.stride(0), ln_w, ln_b, y, y.stride(0), mean, rstd, T, N,
                                                   float(eps), STORE_STATS=store_stats, **cfg)
     return y, mean, rstd
@@ -165,7 +165,6 @@ def embed_fwd(ids, tt, pos, word, type_w, pos_w, ln_w, ln_b, eps, store_stats=Tr
 
 def _table_grad(ids, dx, rows, like):
     """Deterministic scatter-add of dx rows into a zero (rows, N) table gradient at `ids`."""
-    import torch
     out = torch.zeros(rows, dx.shape[1], device=dx.device, dtype=like.dtype)
     T = ids.shape[0]
     if T:
@@ -177,17 +176,15 @@ def _table_grad(ids, dx, rows, like):
 @on_tensor_device
 def embed_bwd(dy, ids, tt, pos, word, type_w, pos_w, ln_w, mean, rstd):
     """Gradients (dword, dtype, dpos, dln_w, dln_b) of the forward for upstream dy (T, N)."""
-    import torch
-    from .layer_norm import _num_programs
     T, N = dy.shape
     dy = dy.contiguous()
     bn = _block_n(N)
     P = _num_programs(T, dy.device)
-    per = triton.cdiv(T, P) if T else 1
-    P = triton.cdiv(T, per) if T else 1
+    per = cdiv(T, P) if T else 1
+    P = cdiv(T, per) if T else 1
     n_types = type_w.shape[0]
     in_regs = n_types <= MAX_TYPES_IN_REGISTERS
-    types = triton.next_power_of_2(n_types) if in_regs else 1
+    types = next_power_of_2(n_types) if in_regs else 1
     f32 = dict(device=dy.device, dtype=torch.float32)
     dx = torch.empty(T, N, **f32)
     alloc = torch.empty if T else torch.zeros  # every program writes all its partial rows

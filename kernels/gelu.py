@@ -10,10 +10,12 @@ Layout: unit column stride, row stride an argument, int64 row offsets; any N (ma
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .launch import on_tensor_device
+from .launch import cdiv, on_tensor_device
+from .layer_norm import sm_count
 from .spec import CompileSpec, Cost, spec
 
 @triton.jit
@@ -98,39 +100,34 @@ _BWD = dict(BLOCK_M=16, BLOCK_N=256, num_warps=8, num_stages=2)  # 4 warps spill
 @on_tensor_device
 def bias_gelu_fwd(x, bias, approximate="none"):
     """GELU(x + bias) for a 2-D x with unit column stride; returns a new (M, N) tensor in x's dtype."""
-    import torch
     M, N = x.shape
     h = torch.empty_like(x)
     bm, bn = _FWD["BLOCK_M"], _FWD["BLOCK_N"]
     if M and N:
-        _bias_gelu_fwd[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+        _bias_gelu_fwd[(cdiv(M, bm), cdiv(N, bn))](
             x, x.stride(0), bias, h, h.stride(0), M, N, TANH=approximate == "tanh", **_FWD)
     return h
 
 
 def _row_programs(m: int, device, strips: int, block_m: int) -> int:
     if device.type == "cuda":
-        import torch
-
-        from .layer_norm import sm_count
         want = sm_count(device.index if device.index is not None else torch.cuda.current_device()) // max(1, strips)
     else:
         want = 4  # the interpreter runs programs one after another
-    return max(1, min(triton.cdiv(m, block_m), want))
+    return max(1, min(cdiv(m, block_m), want))
 
 
 @on_tensor_device
 def bias_gelu_bwd(dh, x, bias, approximate="none"):
     """(dx, dbias fp32) of GELU(x + bias) for upstream dh (M, N)."""
-    import torch
     M, N = x.shape
     dh = dh.contiguous()
     dx = torch.empty_like(x)
     bm, bn = _BWD["BLOCK_M"], _BWD["BLOCK_N"]
-    strips = triton.cdiv(N, bn)
+    strips = cdiv(N, bn)
     P = _row_programs(M, x.device, strips, bm)
-    per = triton.cdiv(triton.cdiv(M, P), bm) * bm if M else bm
-    P = triton.cdiv(M, per) if M else 1
+    per = cdiv(cdiv(M, P), bm) * bm if M else bm
+    P = cdiv(M, per) if M else 1
     alloc = torch.empty if M and N else torch.zeros  # every program writes its partial row and strip
     part = alloc(P, N, device=x.device, dtype=torch.float32)
     if M and N:
@@ -168,7 +165,7 @@ def cost(rows: int, width: int, elem_bytes: int, backward: bool = False) -> list
     mn = rows * width
     out = [Cost("bias_gelu.fwd", 24.0 * mn, float(2 * mn * elem_bytes + width * elem_bytes))]
     if backward:
-        p = max(1, min(triton.cdiv(rows, _BWD["BLOCK_M"]), 132 // triton.cdiv(width, _BWD["BLOCK_N"])))
+        p = max(1, min(cdiv(rows, _BWD["BLOCK_M"]), 132 // cdiv(width, _BWD["BLOCK_N"])))
         out.append(Cost("bias_gelu.bwd", 32.0 * mn,
                         float(3 * mn * elem_bytes + width * elem_bytes + width * 4 * (2 * p + 1))))
     return out

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import triton
 import triton.language as tl
 
-from .launch import on_tensor_device
+from .launch import cdiv, next_power_of_2, on_tensor_device
 from .spec import CompileSpec, Cost, spec
 
 MAX_WIDTH = 8192
@@ -171,7 +172,7 @@ def _ln_bwd(DY, stride_dy,          # upstream gradient (M, N)
 def _block_n(n: int) -> int:
     if n > MAX_WIDTH:
         raise ValueError(f"layer_norm kernels support widths up to {MAX_WIDTH}, got {n}")
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def fwd_config(n: int) -> dict:
@@ -200,19 +201,17 @@ def partial_programs(m: int, sms: int = 132) -> int:
     """Programs of a backward that writes (P, N) column partials: up to PROGRAMS_PER_SM per SM (loads in flight)
     and >= 64 rows each, so the partials (fp32, written and re-read once) stay near 5% of the row traffic (the
     cost functions count them)."""
-    return max(1, min(PROGRAMS_PER_SM * sms, triton.cdiv(m, ROWS_PER_PARTIAL)))
+    return max(1, min(PROGRAMS_PER_SM * sms, cdiv(m, ROWS_PER_PARTIAL)))
 
 
 @functools.lru_cache(maxsize=None)
 def sm_count(index: int) -> int:
     """Multiprocessors of CUDA device `index` (queried once per device)."""
-    import torch
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_programs(m: int, device) -> int:
     if device.type == "cuda":
-        import torch
         return partial_programs(m, sm_count(device.index if device.index is not None else torch.cuda.current_device()))
     return max(1, min(m, 8))  # the interpreter runs programs one after another
 
@@ -221,8 +220,8 @@ def _split_rows(m: int, device, rows: int) -> tuple[int, int]:
     """(programs P, rows per program, a multiple of `rows`) covering m rows."""
     if not m:
         return 1, rows
-    per = triton.cdiv(triton.cdiv(m, _num_programs(m, device)), rows) * rows
-    return triton.cdiv(m, per), per
+    per = cdiv(cdiv(m, _num_programs(m, device)), rows) * rows
+    return cdiv(m, per), per
 
 
 @on_tensor_device
@@ -239,7 +238,6 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, input_bias=None, dropout
         (y, z or None, mean, rstd): y (M, N) in the promoted dtype of x and residual, z likewise, mean/rstd (M,)
         fp32 (empty unless store_stats).
     """
-    import torch
     M, N = x.shape
     cfg = fwd_config(N)
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -251,7 +249,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, input_bias=None, dropout
     res = residual if has_res else x
     if M == 0:
         return y, (z if store_z else None), mean, rstd
-    _ln_fwd[(triton.cdiv(M, cfg["ROWS"]),)](
+    _ln_fwd[(cdiv(M, cfg["ROWS"]),)](
         x, x.stride(0), res, res.stride(0), input_bias if has_ib else weight, weight, bias, y, y.stride(0),
         z, z.stride(0), mean, rstd, seed if has_drop else mean, M, N, float(dropout_p), float(eps),
         HAS_RES=has_res, HAS_IN_BIAS=has_ib, HAS_DROPOUT=has_drop, STORE_Z=store_z, STORE_STATS=store_stats, **cfg)
@@ -270,7 +268,6 @@ def layer_norm_bwd(dy, z, mean, rstd, weight, has_input_bias=False, dropout_p=0.
         (dx, dres, dweight, dbias, dinput_bias or None): dres = dz; dx is dz itself unless dropout_p > 0 or
         dx_dtype differs from z's dtype.
     """
-    import torch
     M, N = z.shape
     dy = dy.contiguous()
     cfg = bwd_config(N, dropout_p > 0.0)
@@ -307,9 +304,8 @@ _MASK_CFG = dict(BLOCK=1024, num_warps=4, num_stages=1)
 @on_tensor_device
 def dropout_keep_mask(seed, M, N, dropout_p):
     """The (M, N) bool keep-mask the kernels draw for `seed` (tests and references use it)."""
-    import torch
     out = torch.empty(M, N, dtype=torch.int8, device=seed.device)
-    _keep_mask[(triton.cdiv(M * N, _MASK_CFG["BLOCK"]),)](seed, out, M, N, float(dropout_p), **_MASK_CFG)
+    _keep_mask[(cdiv(M * N, _MASK_CFG["BLOCK"]),)](seed, out, M, N, float(dropout_p), **_MASK_CFG)
     return out.bool()
 
 

@@ -9,6 +9,7 @@ Epilogues (constexpr EPILOGUE):
                                              (BLOCK_N = next power of two >= N, masked), so the row statistics
                                              come straight from the accumulator; the row math is `ln_rows` of
                                              kernels/layer_norm.py, dropout its counter-based Philox mask.
+  3  bias + tanh                             C = tanh(A W^T + b): BERT's pooler, inference only (no backward)
 Backward (registered in fastdistil/ops/gelu.py and ops/layer_norm.py): the epilogue's own backward kernel
 (kernels/gelu.py's or kernels/layer_norm.py's) turns dC into d(A W^T), then two library GEMMs give dA and dW.
 
@@ -22,13 +23,13 @@ The ops use these kernels up to FUSED_MAX_ROWS rows; above, a library GEMM and t
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .gelu import gelu_math
-from fastdistil.backend import interpreting
+from .gelu import _tanh, gelu_math
 
-from .launch import on_tensor_device
+from .launch import cdiv, interpreting, next_power_of_2, on_tensor_device
 from .layer_norm import ln_rows
 from .spec import CompileSpec, Cost, gemm_cost, spec
 
@@ -94,6 +95,8 @@ def _linear_fwd(A, stride_am,                 # (M, K) input
         acc += tl.load(BIAS + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if EPILOGUE == 1:
             acc = gelu_math(acc, TANH)
+        if EPILOGUE == 3:  # BERT's pooler
+            acc = _tanh(acc)
         tl.store(C + rm[:, None] * stride_cm + rn[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
 
@@ -142,7 +145,7 @@ def _ln_tile(n: int, dtype_name: str = "fp16") -> dict:
     unfused path.) Used at M <= FUSED_MAX_ROWS only, where launches, not the K loop's pipelining, dominate."""
     if n > LN_MAX_WIDTH:
         raise ValueError(f"the LayerNorm epilogue supports widths up to {LN_MAX_WIDTH}, got {n}")
-    bn = max(16, triton.next_power_of_2(n))
+    bn = max(16, next_power_of_2(n))
     fp32 = dtype_name in ("fp32", "float32")
     budget = 4096 if fp32 else 8192  # 16K spilled (~1 KB) with dropout
     return dict(BLOCK_M=max(16, budget // bn), BLOCK_N=bn, BLOCK_K=16, GROUP_M=1, num_warps=16 if fp32 else 8,
@@ -150,7 +153,6 @@ def _ln_tile(n: int, dtype_name: str = "fp16") -> dict:
 
 
 def _common(a):
-    import torch
     upcast = interpreting() and a.dtype == torch.bfloat16
     return dict(UPCAST=upcast, PRECISION="ieee")
 
@@ -159,14 +161,13 @@ def _common(a):
 def linear_gelu_fwd(a, w, bias, epilogue_gelu=True, approximate="none", store_pre=False):
     """C = GELU(a @ w.T + bias) (or a @ w.T + bias when not epilogue_gelu); a (M, K), w (N, K), bias (N,).
     Returns (C, PRE or None) where PRE = a @ w.T (no bias), stored only when store_pre."""
-    import torch
     M, K = a.shape
     N = w.shape[0]
     c = torch.empty(M, N, device=a.device, dtype=a.dtype)
     pre = torch.empty(M, N, device=a.device, dtype=a.dtype) if store_pre else c
-    t = _tile(str(a.dtype).replace("torch.", ""))
+    t = _tile("fp32" if a.dtype == torch.float32 else "lowp")  # no dtype-name parsing per call
     if M and N:
-        grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]),)
+        grid = (cdiv(M, t["BLOCK_M"]) * cdiv(N, t["BLOCK_N"]),)
         _linear_fwd[grid](a, a.stride(0), w, w.stride(0), bias, c, c.stride(0), pre, pre.stride(0), c, 0, bias, bias,
                           c, 0, bias, bias, bias, M, N, K, 0.0, 0.0,
                           EPILOGUE=1 if epilogue_gelu else 0, TANH=approximate == "tanh", STORE_PRE=store_pre,
@@ -175,21 +176,36 @@ def linear_gelu_fwd(a, w, bias, epilogue_gelu=True, approximate="none", store_pr
 
 
 @on_tensor_device
+def linear_tanh_fwd(a, w, bias):
+    """C = tanh(a @ w.T + bias) (EPILOGUE 3, BERT's pooler in one launch); a (M, K) with any row stride (the
+    [CLS] rows of a padded output), w (N, K), bias (N,). Inference only (no saved tensors)."""
+    M, K = a.shape
+    N = w.shape[0]
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    t = _tile("fp32" if a.dtype == torch.float32 else "lowp")
+    if M and N:
+        _linear_fwd[(cdiv(M, t["BLOCK_M"]) * cdiv(N, t["BLOCK_N"]),)](
+            a, a.stride(0), w, w.stride(0), bias, c, c.stride(0), c, 0, c, 0, bias, bias, c, 0, bias, bias, bias,
+            M, N, K, 0.0, 0.0, EPILOGUE=3, TANH=False, STORE_PRE=False, HAS_DROPOUT=False, STORE_Z=False,
+            STORE_STATS=False, **_common(a), **t)
+    return c
+
+
+@on_tensor_device
 def linear_layer_norm_fwd(a, w, bias, residual, ln_w, ln_b, eps, dropout_p=0.0, seed=None, save=False):
     """y = LayerNorm(dropout(a @ w.T + bias) + residual). Returns (y, z, mean, rstd); z/mean/rstd (what the
     backward needs) are written only when `save`, else (y, None, empty, empty). y and z have the promoted dtype of
     a and residual (autocast: a bf16 GEMM into an fp32 residual stream gives fp32)."""
-    import torch
     M, K = a.shape
     N = w.shape[0]
-    t = _ln_tile(N, str(a.dtype).replace("torch.", ""))
+    t = _ln_tile(N, "fp32" if a.dtype == torch.float32 else "fp16")
     y = torch.empty(M, N, device=a.device, dtype=torch.promote_types(a.dtype, residual.dtype))
     z = torch.empty_like(y) if save else y
     mean = torch.empty(M if save else 0, device=a.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     has_drop = dropout_p > 0
     if M:
-        _linear_fwd[(triton.cdiv(M, t["BLOCK_M"]),)](
+        _linear_fwd[(cdiv(M, t["BLOCK_M"]),)](
             a, a.stride(0), w, w.stride(0), bias, y, y.stride(0), y, 0, residual, residual.stride(0), ln_w, ln_b,
             z, z.stride(0), mean, rstd, seed if has_drop else mean, M, N, K, float(dropout_p), float(eps),
             EPILOGUE=2, TANH=False, STORE_PRE=False, HAS_DROPOUT=has_drop, STORE_Z=save, STORE_STATS=save,
@@ -223,7 +239,8 @@ def compile_specs() -> list[CompileSpec]:
                 PRECISION="ieee")
     for dt in ("fp16", "bf16", "fp32"):
         tc = dt != "fp32"
-        for epi, extra, label in ((0, {}, "bias"), (1, {}, "bias+gelu infer"), (1, {"STORE_PRE": True}, "bias+gelu train")):
+        for epi, extra, label in ((0, {}, "bias"), (1, {}, "bias+gelu infer"), (1, {"STORE_PRE": True}, "bias+gelu train"),
+                                   (3, {}, "bias+tanh pooler")):
             specs.append(spec("_linear_fwd", _linear_fwd, _signature(dt, dt, epi, False), {**base, **extra, "EPILOGUE": epi},
                               _tile(dt), f"{dt} {label}", expect_tensor_cores=tc, extra={"ieee": not tc}))
         for ot in ((dt,) if dt == "fp32" else (dt, "fp32")):

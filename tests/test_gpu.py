@@ -355,3 +355,54 @@ def test_autocast_training_matches_transformers_autocast(kind, dtype, device):
     slack = 0.02 if dtype == torch.bfloat16 else 0.005
     assert math.isfinite(loss_fd) and abs(loss_fd - loss32) <= 2 * abs(loss_hf - loss32) + slack * abs(loss32)
     assert e_fd <= 2 * e_hf + slack, f"gradient error {e_fd:.3g} vs transformers' autocast {e_hf:.3g}"
+
+
+# ------------------------------------------------------------------------------- CUDA graphs (issue 14)
+def _graph_model(device):
+    from test_model import hf_bert
+    return FastStudent.from_hf(hf_bert(hidden=64, heads=2, layers=2, inter=128, max_pos=128)).to(device).eval()
+
+
+def test_graph_runner_captures_and_replays_the_forward(device):
+    """GraphRunner on a GPU: one graph per bucket, replays equal to eager (fp32 noise: cuBLAS may round the QKV
+    GEMM differently for the bucket's row count) and to each other bit for bit, outputs that survive later
+    replays, and host inputs checked on the host."""
+    from fastdistil.graphs import GraphRunner
+    m = _graph_model(device)
+    runner = GraphRunner(m)
+    g = torch.Generator().manual_seed(0)
+    for B, L in ((1, 32), (5, 23), (5, 30), (32, 128)):
+        ids = torch.randint(1, 211, (B, L), generator=g)
+        mask = (torch.arange(L)[None] < torch.randint(1, L + 1, (B,), generator=g)[:, None]).long()
+        mask[0] = 1
+        with torch.inference_mode():
+            want = m(ids.to(device), mask.to(device))
+            got = runner(ids, mask)
+            again = runner(ids, mask)
+        assert (got.last_hidden_state - want.last_hidden_state).abs().max() <= 1e-5
+        assert torch.equal(again.last_hidden_state, got.last_hidden_state)
+        assert (got.pooler_output - want.pooler_output).abs().max() <= 1e-5
+    assert all(gr.graph is not None for gr in runner.graphs.values())
+    assert len(runner.graphs) == 3  # (5, 23) and (5, 30) share the (8, 32) bucket
+    with pytest.raises(ValueError, match="input_ids must lie"):
+        runner(torch.full((1, 4), 999), torch.ones(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_compile_reduce_overhead_does_not_skip_cudagraphs(masked, device):
+    """torch.compile(mode="reduce-overhead") of the inference forward: no graph break, no CPU tensor in the graph,
+    no dynamic shape, so inductor's cudagraph trees record it (cudagraph_skips stays 0)."""
+    from torch._dynamo.utils import counters
+    m = _graph_model(device)
+    ids = torch.randint(1, 211, (4, 32), device=device)
+    mask = (torch.arange(32, device=device)[None] < torch.tensor([32, 7, 19, 1], device=device)[:, None]).long()
+    args = (ids, mask) if masked else (ids,)
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(m, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        want = m(*args, check_inputs=False).last_hidden_state
+        for _ in range(3):
+            out = f(*args, check_inputs=False).last_hidden_state.clone()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert (out - want).abs().max() <= 1e-4

@@ -278,7 +278,7 @@ def test_every_public_launcher_is_device_guarded():
              "gelu": ("bias_gelu_fwd", "bias_gelu_bwd"), "embedding": ("embed_fwd", "embed_bwd"),
              "attention": ("attention_fwd", "attention_bwd", "dropout_keep_mask"),
              "kd": ("kd_forward", "kd_backward"), "relation": ("relation_forward", "relation_backward"),
-             "matmul": ("linear_gelu_fwd", "linear_layer_norm_fwd")}
+             "matmul": ("linear_gelu_fwd", "linear_tanh_fwd", "linear_layer_norm_fwd"), "padding": ("pad_rows",)}
     assert set(names) == set(kernels.KERNEL_MODULES)
     for mod, fns in names.items():
         m = importlib.import_module(f"fastdistil.kernels.{mod}")

@@ -77,11 +77,14 @@ def gb(dy=x, x=x, b=b):
     return _C.bias_gelu_bwd(dy, x, b, False)
 def emb(i=ids, t=zeros, p=zeros, word=word, posw=posw, typew=typew, g=torch.ones(16), bb=torch.zeros(16)):
     return _C.embed_layer_norm_fwd(i, t, p, word, posw, typew, g, bb, 1e-12)
-def layer(x=lx, ws=lw, cu=cu, mx=4, heads=2, **swap):
+def layer(x=lx, ws=lw, cu=cu, mx=4, heads=2, **swap):  # a duck-typed LayerWeights: C++ checks every field
+    from types import SimpleNamespace
+    from fastdistil.layer_weights import TENSOR_FIELDS
     ws = list(ws)
     for i, t in swap.items():
         ws[int(i[1:])] = t
-    return _C.encoder_layer(x, ws, cu, mx, heads, 1e-12, 1e-12, False)
+    fields = dict(zip(TENSOR_FIELDS, ws), eps1=1e-12, eps2=1e-12, heads=heads, activation="gelu", norm="post")
+    return _C.encoder_layer(x, SimpleNamespace(**fields), cu, mx)
 
 cases = {
     "fwd q meta": lambda: fwd(q=M(T, H, D)), "fwd k meta": lambda: fwd(k=M(T, H, D)),
@@ -285,7 +288,7 @@ def test_bf16_takes_the_blas_route_where_onednn_cannot_prepack_it(monkeypatch):
 @needs_native
 def test_avx2_machine_emulated_native_matches_torch():
     """ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 make this AVX-512 machine behave as an AVX2-only one:
-    the generic kernel table, and oneDNN refusing bf16 prepacking. fp32 and bf16 inference and a bf16 training step
+    the avx2 kernel table, and oneDNN refusing bf16 prepacking. fp32 and bf16 inference and a bf16 training step
     run and match the torch backend."""
     r = _python("""
         import copy, torch, fastdistil
@@ -314,7 +317,7 @@ def test_avx2_machine_emulated_native_matches_torch():
         """, env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert r.returncode == 0, r.stderr[-3000:]
     isa, bf16_ok, e32, e16, e16_torch, finite = r.stdout.split()
-    assert isa == "generic" and bf16_ok == "False" and finite == "True"
+    assert isa == "avx2" and bf16_ok == "False" and finite == "True"
     assert float(e32) <= 1e-5 and float(e16) <= 2 * float(e16_torch) + 1e-2, r.stdout
 
 

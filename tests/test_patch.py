@@ -176,7 +176,7 @@ def test_token_classification_and_roberta_layers():
     assert abs(out.loss.item() - ref.loss.item()) <= ATOL and maxdiff(out.logits, ref.logits, mask) <= ATOL
 
     # Same architecture under other class names: RoBERTa's layers/encoder are BERT's code and get fused; its
-    # embeddings (padding-offset positions) are not BERT's and stay unpatched, with a warning naming them.
+    # embeddings (padding-offset positions) are fused through the registry (fastdistil/arch/roberta_patch.py).
     torch.manual_seed(0)
     rcfg = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
@@ -184,10 +184,9 @@ def test_token_classification_and_roberta_layers():
     r = transformers.RobertaModel(rcfg).eval()
     with torch.no_grad():
         ref_r = r(ids + 2, attention_mask=mask).last_hidden_state
-    with pytest.warns(UserWarning, match=r"left embeddings \(RobertaEmbeddings\) unpatched"):
-        patch(r)
+    patched_quietly(r)
     assert type(r.encoder.layer[0]).__module__ == "fastdistil.patch"
-    assert type(r.embeddings) is transformers.RobertaModel(rcfg).embeddings.__class__
+    assert type(r.embeddings).__module__ == "fastdistil.patch"
     with torch.no_grad():
         assert maxdiff(r(ids + 2, attention_mask=mask).last_hidden_state, ref_r, mask) <= ATOL
 
@@ -495,23 +494,28 @@ def test_unsupported_device_dtype_and_non_bert():
         patch("bert-base-uncased")
 
 
-def test_layer_view_kept_between_calls_and_rebuilt_after_a_swap():
-    """Inference layers reach encoder_layer through a per-layer view kept between calls (so a backend's per-layer
-    caches, e.g. native's prepacked weights, survive), rebuilt when a submodule is swapped."""
+def test_inference_weights_cached_off_the_module_and_follow_a_swap():
+    """Inference layers reach encoder_layer with a LayerWeights of the HF layer's own parameters; derived tensors
+    (fused QKV, native's prepacked weights) live in fastdistil.weight_cache, keyed on the parameters, not on the
+    layer: they survive between calls, and a swapped submodule is used at once."""
+    from fastdistil import weight_cache
     ref = build()
     m = patched_quietly(copy.deepcopy(ref))
     ids, mask, tt = batch()
     layer = m.encoder.layer[0]
-    with torch.inference_mode():
+    sa = layer.attention.self
+    with torch.no_grad():
         m(input_ids=ids, attention_mask=mask, token_type_ids=tt)
-        view = layer.__dict__["_fastdistil_view"][1]
+        fused = weight_cache._CACHE[("qkv", id(sa.query.weight))][2][0]
         m(input_ids=ids, attention_mask=mask, token_type_ids=tt)
-        assert layer.__dict__["_fastdistil_view"][1] is view
+        assert weight_cache._CACHE[("qkv", id(sa.query.weight))][2][0] is fused
         new = nn.Linear(layer.intermediate.dense.in_features, layer.intermediate.dense.out_features)
         new.load_state_dict(layer.intermediate.dense.state_dict())
+        new.weight.mul_(1.5)
         layer.intermediate.dense = new
+        ref.encoder.layer[0].intermediate.dense.weight.mul_(1.5)
         out = m(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
-        assert layer.__dict__["_fastdistil_view"][1] is not view
         assert maxdiff(out, ref(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state, mask) <= 1e-5
+    assert not [k for k in vars(layer) if k.startswith("_fastdistil_") and k != "_fastdistil_gelu"]
     unpatch(m)
-    assert "_fastdistil_view" not in layer.__dict__
+    assert not [k for k in vars(layer) if k.startswith("_fastdistil_")]

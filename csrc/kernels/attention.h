@@ -4,7 +4,8 @@
 // apart (so q/k/v may be strided views of one fused (T, 3, H, D) QKV GEMM output) and the head dimension D is
 // contiguous. Everything is computed in fp32 in a per-thread scratch buffer: K^T and V are converted once per
 // (sequence, head); queries go in blocks of 4 rows so that each K^T / V vector loaded feeds 4 FMAs.
-// Vectors are GCC vector extensions of 16 floats: one zmm under the AVX-512 build, 4 xmm in the generic one.
+// Vectors are GCC vector extensions of the table's register width (16 floats under AVX-512, 8 under AVX2, 4 in the
+// generic build); scratch rows are padded to 16 floats for all three.
 //
 // Forward, per query row i (keys j < L only; nothing is ever padded to another sequence's length):
 //   s_j = scale * q_i . k_j,  m = max_j s_j,  lse_i = m + log sum_j exp(s_j - m),  p_j = exp(s_j - lse_i)
@@ -21,11 +22,20 @@
 namespace fd {
 namespace FD_ISA {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+// Native vectors of the table's ISA (FD_VEC_BYTES: 16 generic, 32 avx2, 64 avx512; GCC lowers a wider vector type
+// through the stack, which made the AVX2 build slower than SSE2). Scratch rows are padded to 16 floats; a pass
+// covers kStep columns with kCH registers per query row, 4 rows at once (8 + 4 + 1 registers below AVX-512).
+#ifndef FD_VEC_BYTES
+#define FD_VEC_BYTES 16
+#endif
+typedef float vec __attribute__((vector_size(FD_VEC_BYTES)));
+typedef float vecu __attribute__((vector_size(FD_VEC_BYTES), aligned(4), may_alias));
+constexpr int kW = FD_VEC_BYTES / 4;      // floats per register
+constexpr int kCH = kW >= 16 ? 1 : 2;     // registers per row and pass
+constexpr int kStep = kCH * kW;           // columns per pass; divides 16
 
-FD_INLINE v16 ld16(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-FD_INLINE void st16(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+FD_INLINE vec ldv(const float* p) { return *reinterpret_cast<const vecu*>(p); }
+FD_INLINE void stv(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
 FD_INLINE int64_t up16(int64_t n) { return (n + 15) & ~int64_t(15); }
 FD_INLINE float* align64(float* p) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
@@ -33,37 +43,47 @@ FD_INLINE float* align64(float* p) {
 
 // S[r][0:Lp] = sum_d A[r][d] * BT[d][0:Lp] for r < 4 (A rows Dp apart, S rows Lp apart).
 FD_INLINE void rows4_times_t(const float* A, int64_t Dp, const float* BT, int64_t D, int64_t Lp, float* S) {
-  for (int64_t j0 = 0; j0 < Lp; j0 += 16) {
-    v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (int64_t j0 = 0; j0 < Lp; j0 += kStep) {
+    vec a0[kCH] = {}, a1[kCH] = {}, a2[kCH] = {}, a3[kCH] = {};
     for (int64_t d = 0; d < D; ++d) {
-      v16 b = ld16(BT + d * Lp + j0);
-      a0 += A[d] * b;
-      a1 += A[Dp + d] * b;
-      a2 += A[2 * Dp + d] * b;
-      a3 += A[3 * Dp + d] * b;
+      const float x0 = A[d], x1 = A[Dp + d], x2 = A[2 * Dp + d], x3 = A[3 * Dp + d];
+      for (int u = 0; u < kCH; ++u) {
+        const vec b = ldv(BT + d * Lp + j0 + u * kW);
+        a0[u] += x0 * b;
+        a1[u] += x1 * b;
+        a2[u] += x2 * b;
+        a3[u] += x3 * b;
+      }
     }
-    st16(S + j0, a0);
-    st16(S + Lp + j0, a1);
-    st16(S + 2 * Lp + j0, a2);
-    st16(S + 3 * Lp + j0, a3);
+    for (int u = 0; u < kCH; ++u) {
+      stv(S + j0 + u * kW, a0[u]);
+      stv(S + Lp + j0 + u * kW, a1[u]);
+      stv(S + 2 * Lp + j0 + u * kW, a2[u]);
+      stv(S + 3 * Lp + j0 + u * kW, a3[u]);
+    }
   }
 }
 
 // O[r][0:Dp] = sum_{j<L} P[r][j] * B[j][0:Dp] for r < 4 (P rows Lp apart, B and O rows Dp apart).
 FD_INLINE void rows4_times(const float* P, int64_t Lp, const float* B, int64_t L, int64_t Dp, float* O) {
-  for (int64_t c0 = 0; c0 < Dp; c0 += 16) {
-    v16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  for (int64_t c0 = 0; c0 < Dp; c0 += kStep) {
+    vec a0[kCH] = {}, a1[kCH] = {}, a2[kCH] = {}, a3[kCH] = {};
     for (int64_t j = 0; j < L; ++j) {
-      v16 b = ld16(B + j * Dp + c0);
-      a0 += P[j] * b;
-      a1 += P[Lp + j] * b;
-      a2 += P[2 * Lp + j] * b;
-      a3 += P[3 * Lp + j] * b;
+      const float p0 = P[j], p1 = P[Lp + j], p2 = P[2 * Lp + j], p3 = P[3 * Lp + j];
+      for (int u = 0; u < kCH; ++u) {
+        const vec b = ldv(B + j * Dp + c0 + u * kW);
+        a0[u] += p0 * b;
+        a1[u] += p1 * b;
+        a2[u] += p2 * b;
+        a3[u] += p3 * b;
+      }
     }
-    st16(O + c0, a0);
-    st16(O + Dp + c0, a1);
-    st16(O + 2 * Dp + c0, a2);
-    st16(O + 3 * Dp + c0, a3);
+    for (int u = 0; u < kCH; ++u) {
+      stv(O + c0 + u * kW, a0[u]);
+      stv(O + Dp + c0 + u * kW, a1[u]);
+      stv(O + 2 * Dp + c0 + u * kW, a2[u]);
+      stv(O + 3 * Dp + c0 + u * kW, a3[u]);
+    }
   }
 }
 
@@ -213,13 +233,13 @@ void attn_bwd(const AttnBwdArgs& a) {
     for (int64_t j = 0; j < L; ++j) {
       const float p0 = S[j], p1 = S[Lp + j], p2 = S[2 * Lp + j], p3 = S[3 * Lp + j];
       const float d0 = P[j], d1 = P[Lp + j], d2 = P[2 * Lp + j], d3 = P[3 * Lp + j];
-      for (int64_t c0 = 0; c0 < Dp; c0 += 16) {
-        v16 acc = ld16(dV + j * Dp + c0);
-        acc += p0 * ld16(dO + c0) + p1 * ld16(dO + Dp + c0) + p2 * ld16(dO + 2 * Dp + c0) + p3 * ld16(dO + 3 * Dp + c0);
-        st16(dV + j * Dp + c0, acc);
-        v16 acck = ld16(dK + j * Dp + c0);
-        acck += d0 * ld16(Q + c0) + d1 * ld16(Q + Dp + c0) + d2 * ld16(Q + 2 * Dp + c0) + d3 * ld16(Q + 3 * Dp + c0);
-        st16(dK + j * Dp + c0, acck);
+      for (int64_t c0 = 0; c0 < Dp; c0 += kW) {
+        vec acc = ldv(dV + j * Dp + c0);
+        acc += p0 * ldv(dO + c0) + p1 * ldv(dO + Dp + c0) + p2 * ldv(dO + 2 * Dp + c0) + p3 * ldv(dO + 3 * Dp + c0);
+        stv(dV + j * Dp + c0, acc);
+        vec acck = ldv(dK + j * Dp + c0);
+        acck += d0 * ldv(Q + c0) + d1 * ldv(Q + Dp + c0) + d2 * ldv(Q + 2 * Dp + c0) + d3 * ldv(Q + 3 * Dp + c0);
+        stv(dK + j * Dp + c0, acck);
       }
     }
     rows4_times(P, Lp, K, L, Dp, Ob);  // dq / scale

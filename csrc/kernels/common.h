@@ -1,8 +1,9 @@
 // Scalar building blocks of the CPU kernels, written so that GCC auto-vectorises the loops that call them.
 //
-// This header has no torch dependency: the kernel headers that include it are compiled twice, once for
-// baseline x86-64 (kernels_generic.cpp) and once under `#pragma GCC target("avx512...")`
-// (kernels_avx512.cpp), and the extension picks a table at run time (dispatch.cpp). No -march=native.
+// This header has no torch dependency: the kernel headers that include it are compiled three times, for
+// baseline x86-64 (kernels_generic.cpp), under `#pragma GCC target("avx2,fma...")` (kernels_avx2.cpp) and under
+// `#pragma GCC target("avx512...")` (kernels_avx512.cpp); the extension picks a table at run time (dispatch.cpp).
+// No -march=native.
 //
 // Element types: float, and bf16 held as its raw uint16_t bits (upper half of an IEEE float). Every
 // computation is in float32; bf16 is only a storage format (round to nearest even on store).
@@ -15,8 +16,8 @@
 
 #define FD_INLINE static inline __attribute__((always_inline))
 
-// Fused multiply-add where the kernels' instruction set has it (the AVX-512 build inlines these into functions
-// compiled with FMA); the generic build defines FD_NO_FMA and multiplies then adds, which keeps loops vectorisable.
+// Fused multiply-add where the kernels' instruction set has it (the AVX2 and AVX-512 builds inline these into
+// functions compiled with FMA); the generic build defines FD_NO_FMA and multiplies then adds, which keeps loops vectorisable.
 #ifdef FD_NO_FMA
 #define FD_FMA(a, b, c) ((a) * (b) + (c))
 #else

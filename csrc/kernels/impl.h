@@ -1,5 +1,5 @@
 // Instantiates every kernel for one instruction set (FD_ISA names the namespace) and builds its table.
-// Included only by kernels_generic.cpp and kernels_avx512.cpp.
+// Included only by kernels_generic.cpp, kernels_avx2.cpp and kernels_avx512.cpp.
 #pragma once
 
 #include "attention.h"

@@ -2,12 +2,15 @@
 //
 // One kernel call handles one unit of work on one thread: one (sequence, head) of attention, or a range of
 // rows of an elementwise/row op. The torch-facing files (csrc/*.cpp) check inputs, split the work with
-// at::parallel_for and call through `fd::kernels()`, the table for the best instruction set this CPU has.
+// at::parallel_for and call through `fd::kernels()`, the table for the instruction set chosen at run time.
 // Element types: index 0 = float32, 1 = bfloat16 (raw bits); parameters have the activations' type.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
 
 namespace fd {
 
@@ -101,13 +104,27 @@ struct KernelTable {
 size_t attn_fwd_work(int64_t L, int64_t D);
 size_t attn_bwd_work(int64_t L, int64_t D);
 
-// The table for this CPU, chosen once (AVX-512 when the CPU and OS support it, else baseline x86-64).
+// The table in use: chosen at the first call from FASTDISTIL_NATIVE_ISA, ATEN_CPU_CAPABILITY and the CPU features
+// (dispatch.cpp), or by set_isa. A forced table the CPU lacks, or an unknown name, is a ValueError.
 const KernelTable& kernels();
 
-// Select the table by name ("auto", "avx512", "generic"); false if unknown or unsupported on this CPU.
-bool set_isa(const char* name);
+// Select the table by name ("auto": from the environment as at the first call; "generic", "avx2", "avx512").
+void set_isa(const std::string& name);
+
+// CPU features the OS has enabled, named as in /proc/cpuinfo (avx2, fma, avx512f, avx512_bf16, amx_tile, ...).
+std::map<std::string, bool> cpu_features();
+
+// The table a CPU with `features` runs: `forced` (FASTDISTIL_NATIVE_ISA; "" or "auto": the best the CPU supports,
+// capped by `aten_cap`, ATEN_CPU_CAPABILITY: "default" -> generic, "avx2" -> avx2). `what` names the setting in
+// error messages. Pure: tests call it with mocked features.
+std::string choose_isa(const std::map<std::string, bool>& features, const std::string& forced,
+                       const std::string& aten_cap, const std::string& what);
+
+// The tables this CPU can run, baseline first.
+std::vector<std::string> supported_isas();
 
 namespace generic { const KernelTable& table(); }
-namespace avx512 { const KernelTable& table(); }
+namespace avx2 { const KernelTable& table(); }      // AVX2 + FMA (256-bit vectors)
+namespace avx512 { const KernelTable& table(); }    // AVX-512 F/BW/VL/DQ + FMA (512-bit vectors)
 
 }  // namespace fd

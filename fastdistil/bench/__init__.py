@@ -5,7 +5,9 @@
   (transformers eager/sdpa, torch.compile of transformers, ONNX Runtime padded / bucketed / per sequence).
 - :mod:`fastdistil.bench.runner`: interleaved rounds, medians, ratios, agreement checks, JSON and plots
   (`fastdistil bench`).
-- :mod:`fastdistil.bench.costmodel`: the modeled-GPU report (`fastdistil model-perf`) and the op recorder.
+- :mod:`fastdistil.bench.costmodel`: the modeled-GPU report (`fastdistil model-perf`), a package split by what
+  each part does: ceilings, plan, recorder (ops, launches and host syncs), host (time per launch), compile_report,
+  report.
 
 Nothing here is imported by `import fastdistil`; transformers, onnxruntime and matplotlib load on first use.
 """

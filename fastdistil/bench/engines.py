@@ -321,13 +321,7 @@ class OnnxRuntimeEngine(Engine):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise Skip("this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
             providers = ["CUDAExecutionProvider"]
-        path = ctx.scratch.get("onnx")
-        if path is None:
-            t = time.perf_counter()
-            path = export_onnx(ctx)
-            ctx.scratch["onnx"] = path
-            ctx.scratch["onnx_export_s"] = round(time.perf_counter() - t, 1)
-        self.extra.update(export_s=ctx.scratch["onnx_export_s"], fused_ops=ctx.scratch.get("onnx_fused", {}))
+        path = self.model_path(ctx)
         so = ort.SessionOptions()
         so.intra_op_num_threads = ctx.threads
         # ORT's workers spin after each run by default, taking the 2 cores from whichever engine is timed next in
@@ -354,6 +348,17 @@ class OnnxRuntimeEngine(Engine):
                             "attention_mask": mask[i:i + 1, :lens[i]].numpy()}, [i]) for i in range(len(lens))]
         else:
             raise ValueError(f"unknown ONNX Runtime mode {self.mode!r}")
+
+    def model_path(self, ctx) -> str:
+        """The fused fp32 export, made once per context (int8_engines.py quantizes it)."""
+        path = ctx.scratch.get("onnx")
+        if path is None:
+            t = time.perf_counter()
+            path = export_onnx(ctx)
+            ctx.scratch["onnx"] = path
+            ctx.scratch["onnx_export_s"] = round(time.perf_counter() - t, 1)
+        self.extra.update(export_s=ctx.scratch["onnx_export_s"], fused_ops=ctx.scratch.get("onnx_fused", {}))
+        return path
 
     def __call__(self):
         return [self.session.run(["last_hidden_state"], feed)[0] for feed, _ in self.feeds]
@@ -607,6 +612,8 @@ class DistillEngine(Engine):
 
 INFERENCE_PEERS = ("transformers-eager", "transformers-sdpa", "transformers-sdpa-bf16", "torch.compile-sdpa",
                    "onnxruntime-padded", "onnxruntime-bucketed", "onnxruntime-per-seq")
+GEMM_FLOORS = ("gemm-floor-fp32", "gemm-floor-bf16")  # the encoder's GEMMs alone (bench/floor.py)
+INT8_ENGINES = ("onnxruntime-int8-bucketed", "onnxruntime-int8-per-seq")  # CPU; see int8_engines.py
 FAST_BACKENDS = ("torch", "native", "triton")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CUDA_INFERENCE = ("transformers-eager", "transformers-eager-fp16", "transformers-eager-bf16", "transformers-sdpa",
@@ -624,7 +631,9 @@ def engine_names(kind: str, device: str = "cpu") -> list[str]:
     if kind == "inference":
         if cuda:
             return list(CUDA_INFERENCE)
-        return list(INFERENCE_PEERS) + [f"fastdistil-{b}-{p}" for b in FAST_BACKENDS for p in ("fp32", "bf16")]
+        return (list(INFERENCE_PEERS) + list(INT8_ENGINES)
+                + [f"fastdistil-{b}-{p}" for b in FAST_BACKENDS for p in ("fp32", "bf16")] + ["fastdistil-native-int8"]
+                + list(GEMM_FLOORS))
     if kind == "train":
         if cuda:
             return list(CUDA_TRAIN)
@@ -653,6 +662,12 @@ def make_engine(name: str, kind: str) -> Engine:
         return DistillEngine(name, b, torch.float32)
     train = kind == "train"
     parts = name.split("-")
+    if not train and parts[-1] == "int8" and parts[0] == "fastdistil" and len(parts) == 3:
+        from .int8_engines import FastInt8Engine
+        return FastInt8Engine(name, parts[1])
+    if not train and name.startswith("onnxruntime-int8-"):
+        from .int8_engines import OnnxRuntimeInt8Engine
+        return OnnxRuntimeInt8Engine(name, name[len("onnxruntime-int8-"):])
     autocast = None
     if train and len(parts) == 4 and parts[2] == "autocast" and parts[3] in PRECISIONS:
         autocast, parts = PRECISIONS[parts[3]], parts[:2] + ["fp32"]  # fp32 weights, low-precision compute
@@ -675,12 +690,17 @@ def make_engine(name: str, kind: str) -> Engine:
         return eng
     if name.startswith("onnxruntime-"):
         return OnnxRuntimeEngine(name, name[len("onnxruntime-"):])
+    if name in GEMM_FLOORS and not train:
+        from .floor import GemmFloorEngine
+        return GemmFloorEngine(name, "floor", PRECISIONS[parts[2]])
     raise ValueError(f"unknown engine {name!r}")
 
 
 def tolerance(precision: str) -> dict:
     """When an engine's outputs agree with transformers eager fp32: fp32 max abs diff of the hidden states; lower
     precisions by the worst sequence's mean-pooled cosine."""
+    if precision == "int8":  # issue 13's bound for int8 (checked on held-out texts too: heldout_min_cosine)
+        return {"min_cosine": 0.998}
     return {"max_abs_diff": 1e-3} if precision == "fp32" else {"min_cosine": 0.999}
 
 

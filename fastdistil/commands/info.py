@@ -1,4 +1,5 @@
-"""`fastdistil info`: versions, backends available and why not, the backend each device resolves to."""
+"""`fastdistil info`: versions, backends available and why not, the native kernel table and the CPU features it was
+chosen from (bf16 and int8 modes), the backend each device resolves to."""
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -23,8 +24,15 @@ def run(args) -> int:
             print(f"  {pkg:<13} not installed")
     print(f"  torch threads {torch.get_num_threads()}  cuda available: {torch.cuda.is_available()}")
     print(f"selected backend: {get_backend()} (set_backend() or FASTDISTIL_BACKEND)")
-    for name, (ok, why) in availability().items():
+    try:
+        avail = availability()
+    except ValueError as e:  # FASTDISTIL_NATIVE_ISA names a table this CPU cannot run, or no table at all
+        print(f"  native  no   {e}")
+        return 2
+    for name, (ok, why) in avail.items():
         print(f"  {name:<7} {'yes' if ok else 'no ':<4} {why}")
+    if avail["native"][0]:
+        _native_cpu()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for d in devices:
         try:
@@ -32,3 +40,18 @@ def run(args) -> int:
         except RuntimeError as e:
             print(f"ops on {d} tensors: {e}")
     return 0
+
+
+def _native_cpu() -> None:
+    """The native backend's kernel table, the CPU features it was chosen from, and what bf16 and int8 run on."""
+    from .. import _C
+    from ..ops import native
+
+    f = _C.cpu_features()
+    print(f"native kernels: {_C.isa()} table (this CPU runs: {', '.join(_C.supported_isas())}; "
+          "FASTDISTIL_NATIVE_ISA forces one)")
+    print(f"  CPU features seen: {' '.join(k for k, on in sorted(f.items()) if on) or 'none of ' + ' '.join(f)}")
+    print("  bf16: " + ("native bf16 dot products (avx512_bf16/AMX)" if native.native_bf16()
+                        else "bf16 storage-only: fp32 compute"))
+    vnni = [k for k in ("avx512_vnni", "avx_vnni", "amx_int8") if f.get(k)]
+    print("  int8: " + (f"VNNI dot products ({', '.join(vnni)})" if vnni else "no VNNI on this CPU"))

@@ -4,9 +4,10 @@ from .embedding import embed_layer_norm
 from .fused import linear_gelu, linear_layer_norm
 from .gelu import bias_gelu
 from .layer_norm import layer_norm
+from .pooler import linear_tanh
 
 __all__ = ["attention", "varlen_attention", "embed_layer_norm", "bias_gelu", "layer_norm", "linear_gelu",
-           "linear_layer_norm"]
+           "linear_layer_norm", "linear_tanh"]
 from .kd import kd_kl_rows  # noqa: E402
 from .relation import relation_kl_rows  # noqa: E402
 __all__ += ["kd_kl_rows", "relation_kl_rows"]

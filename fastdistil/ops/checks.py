@@ -2,9 +2,30 @@
 only from CPU tensors)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import operator
 
 import torch
+
+# Set while FastStudent runs on a Packing it built itself (fastdistil/padding.py): its cu_seqlens are valid by
+# construction, and in the capacity layout cu_seqlens[-1] (the real-token count) is below the row count on purpose.
+_TRUSTED = contextvars.ContextVar("fastdistil_trusted_packing", default=False)
+
+
+def trusted_packing():
+    """Skip the value checks of check_cu_seqlens inside the block (the model's own packings only). A no-op while
+    torch.compile traces (which skips the checks anyway and cannot trace ContextVar.set)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _trusted()
+
+
+@contextlib.contextmanager
+def _trusted():
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -41,8 +62,9 @@ def check_cu_seqlens(cu_seqlens, total: int, max_seqlen, device) -> int:
 
     cu_seqlens must be a 1-D int32/int64 tensor on `device` with cu_seqlens[0] = 0, non-decreasing values and
     cu_seqlens[-1] = total (the token count), and max_seqlen an integer with longest length <= max_seqlen <= total.
-    The values are checked only for CPU tensors outside torch.compile: reading a CUDA tensor's values costs a host
-    sync on every call, so CUDA callers (the model builds them once per batch in padding.unpad) must pass valid ones.
+    The values are checked only for CPU tensors, outside torch.compile and outside `trusted_packing` (FastStudent's
+    own packings): reading a CUDA tensor's values costs a host sync on every call, so CUDA callers (the model
+    builds them once per batch, fastdistil/padding.py) must pass valid ones.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -57,7 +79,7 @@ def check_cu_seqlens(cu_seqlens, total: int, max_seqlen, device) -> int:
             max_seqlen = operator.index(max_seqlen)  # numpy and 0-d tensor integers; not floats
         except TypeError:
             raise TypeError(f"max_seqlen must be an integer, got {type(max_seqlen).__name__}") from None
-    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
+    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling() or _TRUSTED.get():
         return max_seqlen
     cu = cu_seqlens.tolist()
     lens = [b - a for a, b in zip(cu, cu[1:])]

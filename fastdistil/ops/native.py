@@ -9,10 +9,12 @@ csrc/kernels/*.h); embed_layer_norm's backward recomputes the reference (it runs
 Dropout masks come from a counter-based hash of a seed drawn from torch's default generator
 (``torch.manual_seed`` makes them reproducible) and are regenerated in the backward pass, never stored.
 
-Inference: ``encoder_layer`` runs a whole BERT layer with QKV as one GEMM over the concatenated weight: by default
-its GEMMs go to oneDNN's prepacked matmul (weights reordered once per layer and cached, see _packed) and the rest
-to the C++ kernels; with FASTDISTIL_NATIVE_GEMM=blas, for bfloat16 on CPUs where oneDNN cannot prepack it, and for
-inference-tensor weights the whole layer is one C++ call (csrc/layer.cpp) on ATen's addmm.
+Inference: ``encoder`` runs every layer of an inference forward in one C++ call (csrc/layer.cpp) and
+``encoder_layer`` one layer, each from LayerWeights (fastdistil/layer_weights.py), QKV as one GEMM over the
+concatenated weight. By default the GEMMs go to oneDNN's prepacked matmul (weights reordered once and cached in
+fastdistil/weight_cache.py, see _packed; C++ calls it through the dispatcher, no Python per layer) and the rest to
+the C++ kernels; with FASTDISTIL_NATIVE_GEMM=blas, for bfloat16 on CPUs where oneDNN cannot prepack it, and for
+inference-tensor weights the GEMMs go to ATen's addmm.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch.nn.functional as F
 
 from .. import _C, reference
 from ..padding import gather, unpad
-from ..weight_cache import derived_cache
+from ..layer_weights import layer_ops
+from ..weight_cache import derived
 from .dispatch import register
 
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
@@ -33,6 +36,8 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 def _native(*ts) -> bool:
     """True when every tensor can go to the C++ kernels (float32/bfloat16 on CPU, one dtype)."""
     d = ts[0].dtype
+    if d is torch.bfloat16:
+        _note_bf16()
     return d in _NATIVE_DTYPES and all(t.device.type == "cpu" and t.dtype == d for t in ts)
 
 
@@ -221,95 +226,124 @@ def embed_layer_norm(ids, tt, pos, word, posw, typew, ln_w, ln_b, eps):
 
 
 # ------------------------------------------------------------------------------------------ whole layer (inference)
-def _layer_weights(layer):
-    """The 12 tensors of encoder_layer (or None when one has another dtype or is not contiguous) and the two eps.
-    Gathered per call (a dozen attribute reads): a cached list kept replaced Parameters alive and in use."""
-    w, b = layer.qkv_weight()
-    a, o = layer.attention["output"], layer.output
-    ws = [w, b, a["dense"].weight, a["dense"].bias, a["LayerNorm"].weight, a["LayerNorm"].bias,
-          layer.intermediate["dense"].weight, layer.intermediate["dense"].bias, o["dense"].weight, o["dense"].bias,
-          o["LayerNorm"].weight, o["LayerNorm"].bias]
-    ok = w.dtype in _NATIVE_DTYPES and all(t.dtype == w.dtype and t.is_contiguous() for t in ws)
-    return ws if ok else None, (a["LayerNorm"].eps, o["LayerNorm"].eps)
+def _layer_ok(w, x) -> bool:
+    """Whether the C++ layer can take LayerWeights w and x: one native dtype, every tensor contiguous."""
+    ts = w.tensors()
+    return (x.dtype in _NATIVE_DTYPES and x.is_contiguous() and x.device.type == "cpu"
+            and all(t.dtype == x.dtype and t.is_contiguous() for t in ts))
 
 
 _ONEDNN: dict = {}
 
 
+def _onednn_runs(dtype) -> bool:
+    """Whether oneDNN's prepacked matmul (reorder + linear, plain and with the GELU post-op) runs in `dtype` here,
+    tried once per dtype on an 8 x 8 weight before any real layer chooses it: a CPU, an ONEDNN_MAX_CPU_ISA cap or a
+    torch build that refuses it then sends every layer to the BLAS route instead of raising from inside oneDNN."""
+    if dtype not in _ONEDNN:
+        ok = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+              and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        if ok:
+            try:
+                with torch.no_grad():
+                    w, x = torch.eye(8, dtype=dtype), torch.ones(2, 8, dtype=dtype)
+                    pw = torch.ops.mkldnn._reorder_linear_weight(w, 32)
+                    y = torch.ops.mkldnn._linear_pointwise(x, pw, x[0], "none", [], "")
+                    g = torch.ops.mkldnn._linear_pointwise(x, pw, x[0], "gelu", [], "tanh")
+                ok = bool((y == 2).all()) and g.shape == y.shape
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _ONEDNN[dtype] = ok
+    return _ONEDNN[dtype]
+
+
 def _onednn_bf16() -> bool:
     """Whether oneDNN can reorder (prepack) bfloat16 weights on this CPU: it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT
     (an AVX2-only CPU such as AMD Zen 3 has neither and raises "mkldnn_reorder_linear_weight: bf16 path needs the cpu
-    support ..."). Asked once, at the first bf16 layer, with torch's own predicate (torch >= 2.0; absent: False).
+    support ..."). torch's own predicate (it honours ONEDNN_MAX_CPU_ISA), then the probe of _onednn_runs.
     One module-level function so tests can patch it."""
     if "bf16" not in _ONEDNN:
         probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        _ONEDNN["bf16"] = bool(probe is not None and torch.backends.mkldnn.is_available() and probe())
+        _ONEDNN["bf16"] = bool(probe is not None and torch.backends.mkldnn.is_available() and probe()
+                               and _onednn_runs(torch.bfloat16))
     return _ONEDNN["bf16"]
+
+
+def native_bf16() -> bool:
+    """Whether bfloat16 GEMMs run on native bf16 dot products on this CPU (avx512_bf16, AMX-BF16 or AVX-NE-CONVERT,
+    with oneDNN allowed to use them). Elsewhere a bfloat16 model still runs: bf16 storage, fp32 compute (the C++
+    kernels always compute in fp32; the GEMMs go to ATen, which converts)."""
+    f = _C.cpu_features()
+    return any(f.get(k, False) for k in ("avx512_bf16", "amx_bf16", "avx_ne_convert")) and _onednn_bf16()
+
+
+def _note_bf16() -> None:
+    """Once per process: a bfloat16 model on a CPU without native bf16 dot products is storage-only bf16."""
+    if "noted" not in _ONEDNN:
+        _ONEDNN["noted"] = True
+        if not native_bf16():
+            import warnings
+            warnings.warn("fastdistil: this CPU has no native bf16 dot products (avx512_bf16, AMX or AVX-NE-CONVERT; "
+                          "`fastdistil info` lists the features seen): bfloat16 runs as a storage format with fp32 "
+                          f"compute ({_C.isa()} C++ kernels, GEMMs on ATen), usually no faster than float32 here",
+                          RuntimeWarning, stacklevel=3)
 
 
 def _use_onednn(ws) -> bool:
     """GEMMs of inference layers on oneDNN's prepacked matmul unless FASTDISTIL_NATIVE_GEMM=blas (ATen's addmm:
     MKL sgemm in fp32) or this torch has no oneDNN. Measured on the 2-core AMD EPYC (AVX-512) of this project:
     oneDNN's fp32 GEMMs are 2.2x (32 x 128 batch) to 2.6x (batch 1) faster than MKL's, at the same accuracy
-    against transformers (both ~1e-5: fp32 sums in a different order). Also the BLAS route: bfloat16 where oneDNN
-    cannot prepack it (see _onednn_bf16), and inference-tensor weights (see _packed)."""
+    against transformers (both ~1e-5: fp32 sums in a different order). Also the BLAS route: any dtype oneDNN
+    refuses here (checked before choosing it, see _onednn_runs and _onednn_bf16), and inference-tensor weights
+    (see _packed)."""
     choice = os.environ.get("FASTDISTIL_NATIVE_GEMM", "onednn").lower()
     if choice not in ("onednn", "blas"):
         raise ValueError(f"FASTDISTIL_NATIVE_GEMM must be 'onednn' or 'blas', got {choice!r}")
-    if choice == "blas":
+    if ws[0].dtype == torch.bfloat16:
+        _note_bf16()
+    if choice == "blas" or any(ws[i].is_inference() for i in (0, 2, 6, 8)):
         return False
-    if "ok" not in _ONEDNN:
-        _ONEDNN["ok"] = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-    if not _ONEDNN["ok"] or any(ws[i].is_inference() for i in (0, 2, 6, 8)):
-        return False
-    return ws[0].dtype != torch.bfloat16 or _onednn_bf16()
+    return _onednn_bf16() if ws[0].dtype == torch.bfloat16 else _onednn_runs(ws[0].dtype)
 
 
-def _packed(layer, ws):
-    """oneDNN-reordered copies of the four GEMM weights, held in the layer's derived-tensor cache (invisible to
-    deepcopy, pickle and state_dict: packed tensors have no storage to save) and rebuilt when any of the four is
-    another tensor or was updated in place (version counter). Never for inference tensors, which inference_mode
-    updates in place without a version bump (load_state_dict under inference_mode): _use_onednn sends those to
-    the BLAS route, which reads the weights as they are on every call."""
-    src = [ws[i] for i in (0, 2, 6, 8)]  # the fused QKV is replaced (never updated) when q, k or v change
-    key = [(t.data_ptr(), t._version) for t in src]
-    cache = derived_cache(layer)
-    hit = cache.get("onednn")
-    if hit is None or any(a is not b for a, b in zip(hit[0], src)) or hit[1] != key:
-        reorder = torch.ops.mkldnn._reorder_linear_weight
-        with torch.no_grad():
-            hit = cache["onednn"] = (src, key, [reorder(t.detach(), 32) for t in src])
-    return hit[2]
+def _packed(w):
+    """oneDNN-reordered copies of the four GEMM weights, held in fastdistil/weight_cache.py (not on the model: packed
+    tensors have no storage to save) and rebuilt when any of the four is another tensor or was updated in place
+    (version counter; the fused QKV is replaced, never updated, when q, k or v change). Never for inference
+    tensors, which inference_mode updates in place without a version bump: _use_onednn sends those to the BLAS
+    route, which reads the weights as they are on every call."""
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    return derived("onednn", (w.w_qkv, w.w_o, w.w_in, w.w_out), lambda src: [reorder(t.detach(), 32) for t in src])
 
 
-def _encoder_layer_onednn(layer, ws, eps1, eps2, x, p):
-    """The layer with its GEMMs (bias inside, GELU fused as oneDNN's erf post-op) on oneDNN's prepacked matmul and
-    the rest on the C++ kernels: eight calls from Python, against one for the BLAS route (see _use_onednn)."""
-    lin = torch.ops.mkldnn._linear_pointwise
-    pq, po, p1, p2 = _packed(layer, ws)
-    T, d = x.shape
-    H = layer.n_head
-    qkv = lin(x, pq, ws[1], "none", [], "").view(T, 3, H, d // H)
-    q, k, v = qkv.unbind(1)
-    ctx = _C.varlen_attention_fwd(q, k, v, p.cu_seqlens, p.max_seqlen, 1.0 / math.sqrt(d // H), 0.0, 0, False)[0]
-    x1 = _C.layer_norm_fwd(lin(ctx.view(T, d), po, ws[3], "none", [], ""), ws[4], ws[5], eps1, x, None, 0.0, 0,
-                           False)[0]
-    h = lin(x1, p1, ws[7], "gelu", [], "tanh" if layer.gelu_approximate == "tanh" else "none")
-    return _C.layer_norm_fwd(lin(h, p2, ws[9], "none", [], ""), ws[10], ws[11], eps2, x1, None, 0.0, 0, False)[0]
+def _prepacked(ws, x):
+    """Per layer, the oneDNN-prepacked weights when every layer's GEMMs go to oneDNN (see _use_onednn), else None
+    (the C++ layers then run their GEMMs on ATen's addmm)."""
+    if x.shape[0] == 0 or not all(_use_onednn(w.tensors()) for w in ws):
+        return None
+    return [_packed(w) for w in ws]
 
 
 @register("encoder_layer", "native")
-def encoder_layer(layer, x, p):
-    """One inference layer in one C++ call (eval mode, no autograd, no taps; the model checks that)."""
-    ws, (eps1, eps2) = _layer_weights(layer)
-    if ws is None or x.dtype != ws[0].dtype or not x.is_contiguous():
-        return layer.forward_ops(x, p)
-    if x.shape[0] > 0 and _use_onednn(ws):
-        return _encoder_layer_onednn(layer, ws, eps1, eps2, x, p)
-    return _C.encoder_layer(x, ws, p.cu_seqlens, p.max_seqlen, layer.n_head, eps1, eps2,
-                            layer.gelu_approximate == "tanh")
+def encoder_layer(w, x, p):
+    """One inference layer (LayerWeights w, packed x (T, d), Packing p) in one C++ call (eval mode, no autograd,
+    no taps: the caller checks that); the torch op sequence where the C++ layer cannot take it."""
+    if not _layer_ok(w, x):
+        return layer_ops(w, x, p)
+    pk = _prepacked((w,), x)
+    return _C.encoder_layer(x, w, p.cu_seqlens, p.max_seqlen, None if pk is None else pk[0])
+
+
+@register("encoder", "native")
+def encoder(ws, x, p):
+    """Every inference layer (a list of LayerWeights) on packed x (T, d) in one C++ call: per-layer Python, argument
+    checks and workspace setup happen once per forward instead of once per layer (the batch-1 latency)."""
+    if not all(_layer_ok(w, x) for w in ws):
+        for w in ws:
+            x = encoder_layer(w, x, p)
+        return x
+    return _C.encoder(x, ws, p.cu_seqlens, p.max_seqlen, _prepacked(ws, x))
 
 
 __all__ = ["varlen_attention", "attention", "layer_norm", "bias_gelu", "linear_gelu", "linear_layer_norm",
-           "embed_layer_norm", "encoder_layer"]
+           "embed_layer_norm", "encoder_layer", "encoder"]

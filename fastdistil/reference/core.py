@@ -96,10 +96,12 @@ def attention(q, k, v, attention_mask=None, *, dropout_p: float = 0.0, softmax_s
 
 
 def seq_ids(cu_seqlens, total: int):
-    """For packed tokens, the sequence index and position of each token: two (T,) int64 tensors, no host sync."""
+    """For packed tokens, the sequence index and position of each token: two (T,) int64 tensors, no host sync.
+    Rows at or past cu_seqlens[-1] (the capacity layout's spare rows, fastdistil/padding.py) get sequence B and
+    position 0: callers route them to a spare slot."""
     t = torch.arange(total, device=cu_seqlens.device)
     seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64), t, right=True)  # (T,)
-    pos = t - cu_seqlens.to(torch.int64)[seq]
+    pos = torch.where(seq < cu_seqlens.shape[0] - 1, t - cu_seqlens.to(torch.int64)[seq], 0)
     return seq, pos
 
 
@@ -115,16 +117,17 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, *, dropout_p: float =
         (T, H, D) in q's dtype.
     """
     T, H, D = q.shape
-    B = cu_seqlens.shape[0] - 1
+    B, L = cu_seqlens.shape[0] - 1, max_seqlen
     seq, pos = seq_ids(cu_seqlens, T)
+    flat = torch.where(seq < B, seq * L + pos, B * L)  # rows past cu_seqlens[-1] go to one spare slot
 
     def pad(x):  # (T, H, D) -> (B, H, L, D)
-        out = x.new_zeros(B, max_seqlen, H, D)
-        out[seq, pos] = x
-        return out.transpose(1, 2)
+        out = x.new_zeros(B * L + 1, H, D).index_put((flat,), x)
+        return out[:B * L].view(B, L, H, D).transpose(1, 2)
 
-    mask = torch.zeros(B, max_seqlen, dtype=torch.bool, device=q.device)
-    mask[seq, pos] = True
-    o = attention(pad(q), pad(k), pad(v), mask, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                  training=training)  # (B, H, L, D)
-    return o.transpose(1, 2)[seq, pos]  # (T, H, D)
+    mask = torch.zeros(B * L + 1, dtype=torch.bool, device=q.device)
+    mask = mask.index_put((flat,), torch.ones((), dtype=torch.bool, device=q.device))
+    o = attention(pad(q), pad(k), pad(v), mask[:B * L].view(B, L), dropout_p=dropout_p,
+                  softmax_scale=softmax_scale, training=training)  # (B, H, L, D)
+    return o.transpose(1, 2).reshape(B * L, H, D)[flat.clamp(max=max(B * L - 1, 0))]  # (T, H, D); spare rows:
+    # unspecified (a real row's value)
