@@ -23,3 +23,26 @@ def build(cls=transformers.BertModel, seed=1, pad_row=False, **kw):
             if pad_row and n.endswith("word_embeddings.weight"):
                 p[0] = torch.randn_like(p[0])
     return m
+
+
+def train_in_lockstep(ours, hf, batch_of_step, loss_of, state_of=None, steps=20, lr=1e-3):
+    """Train `ours` and transformers' `hf` side by side with AdamW on the same batches: every step's loss must agree
+    to 1e-4 and every parameter must end within 1e-4 (relative) of transformers'.
+
+    batch_of_step(step) -> (kwargs for both models, extra for the loss); loss_of(out, kwargs, extra) -> scalar;
+    state_of(ours) -> ours' state dict under transformers' keys (default: ours.state_dict())."""
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr) for m in (ours, hf)]
+    for step in range(steps):
+        kwargs, extra = batch_of_step(step)
+        losses = []
+        for m, opt in zip((ours, hf), opts):
+            loss = loss_of(m(**kwargs), kwargs, extra)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[1]), f"step {step}: {losses}"
+    sd = hf.state_dict()
+    for n, p in (state_of or (lambda m: m.state_dict()))(ours).items():
+        rel = ((p - sd[n]).abs().max() / sd[n].abs().max().clamp(min=1e-6)).item()
+        assert rel <= 1e-4, f"{n} drifted by {rel} (relative)"

@@ -6,6 +6,8 @@ import transformers
 import fastdistil
 from fastdistil import FastStudent, FastStudentConfig
 
+from _hf_models import train_in_lockstep
+
 
 @pytest.fixture(autouse=True)
 def _torch_backend():
@@ -128,26 +130,18 @@ def test_twenty_adamw_steps_track_transformers():
     hf = hf_bert(hidden=64, heads=4, layers=2, inter=130)
     hf.train()
     ours = FastStudent.from_hf(hf).train()
-    opt_a = torch.optim.AdamW(ours.parameters(), lr=1e-3)
-    opt_b = torch.optim.AdamW(hf.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(3)
-    for step in range(20):
+
+    def batch_of_step(step):
         ids, mask, tt = batch(4, 17, 211, seed=step)
-        target = torch.randn(4, 64, generator=g)
-        losses = []
-        for m, opt in ((ours, opt_a), (hf, opt_b)):
-            out = m(input_ids=ids, attention_mask=mask, token_type_ids=tt)
-            pooled = (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            loss = (pooled - target).pow(2).mean() + out.pooler_output.pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[1]), f"step {step}: {losses}"
-    sd = hf.state_dict()
-    for n, p in ours.state_dict().items():
-        rel = ((p - sd[n]).abs().max() / sd[n].abs().max().clamp(min=1e-6)).item()
-        assert rel <= 1e-4, f"{n} drifted by {rel} (relative)"
+        return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt), torch.randn(4, 64, generator=g)
+
+    def loss_of(out, kw, target):
+        mask = kw["attention_mask"]
+        pooled = (out.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return (pooled - target).pow(2).mean() + out.pooler_output.pow(2).mean()
+
+    train_in_lockstep(ours, hf, batch_of_step, loss_of)
 
 
 def test_config_roundtrip_and_errors():

@@ -1,0 +1,47 @@
+"""What every non-BERT architecture must do the same way (DistilBERT, RoBERTa): run on every backend as on the torch
+one, and train in lockstep with transformers (20 AdamW steps: the same losses and final weights to 1e-4)."""
+import pytest
+import torch
+
+import fastdistil
+from fastdistil import FastStudentForSequenceClassification
+from fastdistil.loading import hf_state_dict
+
+from _arch_models import build, check_backend_parity, padded_batch
+from _hf_models import train_in_lockstep
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "roberta"])
+def test_twenty_adamw_steps_track_transformers(model_type):
+    hf = build(model_type, "ForSequenceClassification", hidden=48, heads=3, inter=100).train()
+    ours = FastStudentForSequenceClassification.from_hf(hf).train()
+    g = torch.Generator().manual_seed(3)
+
+    def batch_of_step(step):
+        ids, mask = padded_batch(model_type, B=4, L=15, seed=step)
+        labels = torch.randint(0, 3, (4,), generator=g)
+        kwargs = dict(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+        return kwargs, torch.randn(4, 48, generator=g)
+
+    def loss_of(out, kw, target):
+        h, mask = out.hidden_states[-1], kw["attention_mask"]
+        return out.loss + ((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True) - target).pow(2).mean()
+
+    train_in_lockstep(ours, hf, batch_of_step, loss_of, state_of=hf_state_dict)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("model_type", ["distilbert", "roberta"])
+def test_triton_backend_parity(model_type, device):
+    """The same model on the triton kernels (interpreter on CPU; compiled with --device cuda)."""
+    with fastdistil.use_backend("triton"):
+        check_backend_parity(model_type, device)
+
+
+@pytest.mark.parametrize("model_type", ["distilbert", "roberta"])
+def test_native_backend_parity(model_type):
+    ok, why = fastdistil.availability()["native"]
+    if not ok:
+        pytest.skip(why)
+    with fastdistil.use_backend("native"):
+        check_backend_parity(model_type, torch.device("cpu"))
