@@ -8,7 +8,7 @@ fastdistil/weight_cache.py) and is rebuilt per call, so a replaced or updated pa
 
     qkv = x W_qkv^T + b_qkv                      (T, 3d)   one GEMM over the three projections
     ctx = attention(q, k, v) over the packing    (T, d)
-    x1  = LN1(dropout(ctx W_o^T + b_o) + x)      (T, d)    post-LayerNorm ("post")
+    x1  = LN1(dropout(ctx W_o^T + b_o) + x)      (T, d)    post-LayerNorm ("post"); no dropout for DistilBERT
     h   = act(x1 W_in^T + b_in)                  (T, f)    act: "gelu" (erf) or "gelu_tanh"
     out = LN2(dropout(h W_out^T + b_out) + x1)   (T, d)
 """
@@ -43,6 +43,8 @@ class LayerWeights:
         activation: "gelu" (erf) or "gelu_tanh".
         norm: LayerNorm placement; "post" (BERT, RoBERTa, DistilBERT) is the only one so far.
         attn_dropout, hidden_dropout: dropout probabilities in training (the inference calls ignore them).
+        attn_out_dropout: dropout after the attention output projection; None means hidden_dropout (BERT,
+            RoBERTa), 0.0 for DistilBERT, which has none there.
     """
 
     w_qkv: torch.Tensor
@@ -64,6 +66,7 @@ class LayerWeights:
     norm: str = "post"
     attn_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    attn_out_dropout: float | None = None  # after the attention output projection; None: hidden_dropout
 
     def __post_init__(self):  # cheap settings checks only: this is built per inference call
         if self.activation not in ACTIVATIONS:
@@ -136,11 +139,12 @@ def layer_ops(w: LayerWeights, x: torch.Tensor, where, *, training: bool = False
     Returns:
         the layer output, x's shape.
     """
-    a_drop, h_drop = (w.attn_dropout, w.hidden_dropout) if training else (0.0, 0.0)
+    o_drop = w.hidden_dropout if w.attn_out_dropout is None else w.attn_out_dropout
+    a_drop, o_drop, h_drop = (w.attn_dropout, o_drop, w.hidden_dropout) if training else (0.0, 0.0, 0.0)
     q, k, v = F.linear(x, w.w_qkv, w.b_qkv).unflatten(-1, (3, w.heads, w.head_dim)).unbind(-3)  # (..., H, D)
     if tap is not None:
         tap.update(q=q, k=k, v=v)
     ctx = attend(q, k, v, where, a_drop).flatten(-2)  # (..., d)
-    x = ops.linear_layer_norm(ctx, w.w_o, w.b_o, x, w.ln1_w, w.ln1_b, w.eps1, dropout_p=h_drop)  # (..., d)
+    x = ops.linear_layer_norm(ctx, w.w_o, w.b_o, x, w.ln1_w, w.ln1_b, w.eps1, dropout_p=o_drop)  # (..., d)
     h = ops.linear_gelu(x, w.w_in, w.b_in, approximate=w.approximate)  # (..., f)
     return ops.linear_layer_norm(h, w.w_out, w.b_out, x, w.ln2_w, w.ln2_b, w.eps2, dropout_p=h_drop)  # (..., d)

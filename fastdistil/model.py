@@ -114,6 +114,7 @@ class Layer(nn.Module):
         self.intermediate = _node(dense=nn.Linear(d, f))
         self.output = _node(dense=nn.Linear(f, d), LayerNorm=nn.LayerNorm(d, eps=cfg.layer_norm_eps))
         self.attn_dropout, self.hidden_dropout = cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob
+        self.attn_out_dropout = None if cfg.arch.attn_output_dropout else 0.0  # DistilBERT: none after out_lin
         self.gelu_approximate = cfg.gelu_approximate
 
     def _qkv(self):
@@ -137,7 +138,7 @@ class Layer(nn.Module):
         ln1, ln2 = o["LayerNorm"], f["LayerNorm"]
         return LayerWeights(*qkv, *wo, ln1.weight, ln1.bias, *wi, *wf, ln2.weight, ln2.bias, ln1.eps, ln2.eps,
                             self.n_head, activation_name(self.gelu_approximate), "post", self.attn_dropout,
-                            self.hidden_dropout)
+                            self.hidden_dropout, self.attn_out_dropout)
 
     def qkv(self, x):
         """q, k, v (N, H, D) of rows x (N, d): one GEMM when the three projections are plain."""
@@ -175,7 +176,8 @@ class Layer(nn.Module):
         ctx = attend(q, k, v, p, a_drop)  # (T, H, D)
         o, f = self.attention["output"], self.output
         p_drop = self.hidden_dropout if drop else 0.0
-        x = _dense_layer_norm(o, ctx.reshape(T, d), x, p_drop)  # (T, d)
+        o_drop = p_drop if self.attn_out_dropout is None or not drop else self.attn_out_dropout
+        x = _dense_layer_norm(o, ctx.reshape(T, d), x, o_drop)  # (T, d)
         i = self.intermediate["dense"]
         h = (ops.linear_gelu(x, i.weight, i.bias, approximate=self.gelu_approximate) if _plain(i)
              else F.gelu(i(x), approximate=self.gelu_approximate))  # (T, f)

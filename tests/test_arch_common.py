@@ -45,3 +45,22 @@ def test_native_backend_parity(model_type):
         pytest.skip(why)
     with fastdistil.use_backend("native"):
         check_backend_parity(model_type, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("model_type,after_attention", [("distilbert", 0.0), ("roberta", 0.25)])
+def test_dropout_sites_follow_the_architecture(model_type, after_attention, monkeypatch):
+    """DistilBERT has no dropout after the attention output projection (transformers' MultiHeadSelfAttention),
+    BERT and RoBERTa do: the training forward passes each LayerNorm op the architecture's probability."""
+    from fastdistil import FastStudent, FastStudentConfig, ops
+    kw = {"dropout": 0.25} if model_type == "distilbert" else {"hidden_dropout_prob": 0.25}
+    ours = FastStudent(FastStudentConfig.from_hf(build(model_type, **kw).config)).train()
+    seen, real = [], ops.linear_layer_norm
+
+    def spy(*args, dropout_p=0.0, **kwargs):
+        seen.append(dropout_p)
+        return real(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(ops, "linear_layer_norm", spy)
+    ids, mask = padded_batch(model_type, B=2, L=7)
+    ours(ids, mask)
+    assert seen == [after_attention, 0.25] * ours.config.num_hidden_layers

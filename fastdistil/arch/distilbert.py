@@ -6,8 +6,8 @@ heads under "distilbert.". The layer math is BERT's (LayerNorm eps fixed at 1e-1
 FastStudent's Layer runs it; only names and the config's spelling differ. `sinusoidal_pos_embds` only decides how
 a fresh model's position table is initialised (transformers trains and saves it like a learned one).
 Patch: Embeddings, TransformerBlock and Transformer of modeling_distilbert (distilbert_patch.py). Known difference in
-training with dropout: transformers applies none after the attention output projection; FastStudent's Layer applies
-its hidden dropout there as BERT does (the patch follows transformers).
+training with dropout: transformers applies none after the attention output projection, and neither does
+FastStudent's Layer for this architecture (Arch.attn_output_dropout=False -> LayerWeights.attn_out_dropout=0).
 """
 from __future__ import annotations
 
@@ -77,4 +77,5 @@ ARCH = Arch(model_type="distilbert", hf_name="DistilBert", prefix="distilbert.",
             buffers=("embeddings.position_ids",), token_types=False, pooler=False, head_pooler=False,
             offset_positions=False, config_from_hf=config_from_hf, config_to_hf=config_to_hf,
             key_to_internal=key_to_internal, key_to_hf=key_to_hf, hf_config="DistilBertConfig",
-            classifier="pre_classifier", fixed=(("layer_norm_eps", EPS),), patch="distilbert_patch")
+            classifier="pre_classifier", fixed=(("layer_norm_eps", EPS),), patch="distilbert_patch",
+            attn_output_dropout=False)

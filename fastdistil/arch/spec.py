@@ -73,6 +73,7 @@ class Arch:
     classifier: str = "pooler"
     fixed: tuple[tuple[str, object], ...] = ()  # (field, value) the architecture hard-codes (config.json lacks it)
     patch: str = ""
+    attn_output_dropout: bool = True  # hidden dropout after the attention output projection (DistilBERT: none)
 
     def hf_class(self, head: str = "Model") -> str:
         """transformers' class name for this architecture and head ("Model", "ForSequenceClassification", ...)."""
