@@ -14,7 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .engines import FastEngine, OnnxRuntimeEngine, Skip, hf_model
+from .engines import FastEngine, Skip, hf_model
+from .ort_engines import OnnxRuntimeEngine
 
 
 def _tokenizer():
