@@ -266,7 +266,7 @@ def test_pins_fall_inside_the_declared_ranges():
 
 def test_patch_refuses_releases_older_than_declared(monkeypatch):
     """Below MIN_TRANSFORMERS the model is left as it is, with a warning naming the version needed."""
-    P = importlib.import_module("fastdistil.patch")  # fastdistil.patch the attribute is the function
+    P = importlib.import_module("fastdistil.patch.hf")  # where _load_transformers keeps what it imported
     monkeypatch.setattr(P, "_HF", {})
     monkeypatch.setattr(importlib.import_module("transformers"), "__version__", "4.44.2")  # the one patch reads
     m = build()

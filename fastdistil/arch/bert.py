@@ -4,7 +4,7 @@ Checkpoint keys: embeddings.{word,position,token_type}_embeddings, embeddings.La
 encoder.layer.N.attention.self.{query,key,value}, attention.output.{dense,LayerNorm}, intermediate.dense,
 output.{dense,LayerNorm}, pooler.dense; heads under "bert.".
 Patch: BertEmbeddings, BertLayer, BertEncoder and BertModel's masks, and any class with their code under another
-name (fastdistil/patch.py).
+name (fastdistil/patch/).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """fastdistil.patch for transformers' DistilBERT (DistilBertModel and its heads): its Embeddings, TransformerBlock and
-Transformer classes get fused forwards, found through the registry (Arch.patch; fastdistil/patch.py
+Transformer classes get fused forwards, found through the registry (Arch.patch; fastdistil/patch/
 `_arch_patches`). Imported by the patch only, after transformers.
 
 - Embeddings -> ops.embed_layer_norm with no token types (one zero type row).
@@ -23,8 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..patch import (_LOSS_READS_PADDING, _NO, _capturing, _drop, _gelu_mode, _hooks_need_padded, _key_mask_4d,
-                     _original, _same_code)
+from ..patch.checks import _gelu_mode, _same_code
+from ..patch.forwards import _drop, _hooks_need_padded
+from ..patch.heads import _LOSS_READS_PADDING
+from ..patch.hf import _capturing, _original
+from ..patch.masks import _NO, _key_mask_4d
 from ..layer_weights import LayerWeights, activation_name, attend
 from ..leftpad import LeftPad
 from ..model import _plain

@@ -5,7 +5,7 @@ tokens), computed from the input ids (not the mask) as transformers does, and pa
 and right padding give real tokens the same positions. Checkpoints usually have type_vocab_size 1. Heads keep the
 base model under "roberta." without a pooler; the sequence classifier is RoBERTa's own (classifier.dense,
 classifier.out_proj), built in fastdistil/heads.py.
-Patch: RobertaLayer / RobertaEncoder / RobertaModel are BERT's code (fastdistil/patch.py); RobertaEmbeddings and
+Patch: RobertaLayer / RobertaEncoder / RobertaModel are BERT's code (fastdistil/patch/); RobertaEmbeddings and
 XLMRobertaEmbeddings in roberta_patch.py.
 """
 from __future__ import annotations
@@ -27,11 +27,19 @@ def _to_hf(name: str):
     return config_to_hf
 
 
-def position_ids(input_ids: torch.Tensor, padding_idx: int) -> torch.Tensor:
-    """(B, L) int64 positions from (B, L) ids: cumulative count of non-pad tokens + padding_idx, pad tokens at
-    padding_idx (transformers' create_position_ids_from_input_ids with no cache)."""
+def position_ids(input_ids: torch.Tensor, padding_idx: int, past: int = 0) -> torch.Tensor:
+    """(B, L) int64 positions from (B, L) ids: cumulative count of non-pad tokens (+ `past` cached tokens) +
+    padding_idx, pad tokens at padding_idx (transformers' create_position_ids_from_input_ids, which is a method in
+    5.x and a module function in 4.x: computed here so that both majors behave alike)."""
     real = input_ids.ne(padding_idx).to(torch.int64)
-    return torch.cumsum(real, dim=1) * real + padding_idx
+    return (torch.cumsum(real, dim=1) + past) * real + padding_idx
+
+
+def embeds_position_ids(inputs_embeds: torch.Tensor, padding_idx: int) -> torch.Tensor:
+    """(B, L) positions padding_idx + 1 .. padding_idx + L for inputs_embeds (pads cannot be told apart there)."""
+    B, L = inputs_embeds.shape[:2]
+    pos = torch.arange(padding_idx + 1, L + padding_idx + 1, dtype=torch.long, device=inputs_embeds.device)
+    return pos.unsqueeze(0).expand(B, L)
 
 
 def _arch(model_type: str, name: str) -> Arch:

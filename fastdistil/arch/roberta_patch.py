@@ -1,12 +1,16 @@
 """fastdistil.patch for transformers' RoBERTa / XLM-R embeddings (their layers, encoder and base model are BERT's code
-under other names, which fastdistil/patch.py accepts already): positions as transformers computes them (from the
-input ids, counted from padding_idx + 1), then BERT's fused embeddings (patch._embed). Found through the registry
-(Arch.patch); imported by the patch only, after transformers."""
+under other names, which fastdistil/patch/ accepts already): positions as transformers computes them (from the
+input ids, counted from padding_idx + 1), then BERT's fused embeddings (patch/forwards.py
+_embed). Found through the registry (Arch.patch); imported by the patch only, after transformers."""
 from __future__ import annotations
 
 import torch.nn as nn
 
-from ..patch import _embed, _fallback, _original, _read, _same_code, _unknown
+from ..patch.calls import _fallback, _read, _unknown
+from ..patch.checks import _same_code
+from ..patch.forwards import _embed
+from ..patch.hf import _original
+from .roberta import embeds_position_ids, position_ids
 
 EMB = "roberta.embeddings"
 
@@ -37,8 +41,8 @@ def _embeddings_forward(self, *args, **kwargs):
     ids, embeds, pos, past = (call.get("input_ids"), call.get("inputs_embeds"), call.get("position_ids"),
                               call.get("cache_length") or 0)
     if pos is None:
-        pos = (self.create_position_ids_from_input_ids(ids, self.padding_idx, past) if ids is not None
-               else self.create_position_ids_from_inputs_embeds(embeds, self.padding_idx))
+        pos = (position_ids(ids, self.padding_idx, past) if ids is not None
+               else embeds_position_ids(embeds, self.padding_idx))
     return _embed(self, ids, call.get("token_type_ids"), pos, embeds, past)
 
 

@@ -52,8 +52,8 @@ class Arch:
         fixed: FastStudentConfig fields transformers hard-codes for this architecture (DistilBERT's LayerNorm eps);
             another value could not be saved, so it is refused.
         patch: the module under fastdistil/arch/ with the patch's pieces for the transformers classes that are not
-            BERT's code (role(m), FORWARDS, PREPARE; see fastdistil/patch.py `_arch_patches`), or "" when BERT's
-            suffice (fastdistil/patch.py accepts any class whose code is BERT's, whatever its name).
+            BERT's code (role(m), FORWARDS, PREPARE; see fastdistil/patch/ `_arch_patches`), or "" when BERT's
+            suffice (fastdistil/patch/ accepts any class whose code is BERT's, whatever its name).
     """
 
     model_type: str
