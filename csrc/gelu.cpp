@@ -13,6 +13,16 @@ GeluArgs rows_args(const Tensor& x, const Tensor& b, int64_t N, bool tanh_approx
   return a;
 }
 
+// The forward kernel of dtype `dt` over rows [0, R) of `a`, split across threads.
+void gelu_rows(const GeluArgs& a, int dt, int64_t R) {
+  const auto kernel = kernels().gelu_fwd[dt];
+  at::parallel_for(0, R, row_grain(a.N), [&](int64_t r0, int64_t r1) {
+    GeluArgs c = a;
+    c.r0 = r0, c.r1 = r1;
+    kernel(c);
+  });
+}
+
 }  // namespace
 
 Tensor bias_gelu_fwd(const Tensor& x, const Tensor& bias, bool tanh_approx) {
@@ -25,12 +35,7 @@ Tensor bias_gelu_fwd(const Tensor& x, const Tensor& bias, bool tanh_approx) {
   Tensor y = at::empty_like(xr);
   GeluArgs a = rows_args(xr, b, N, tanh_approx);
   a.y = y.data_ptr();
-  const auto kernel = kernels().gelu_fwd[dt];
-  at::parallel_for(0, xr.size(0), row_grain(N), [&](int64_t r0, int64_t r1) {
-    GeluArgs c = a;
-    c.r0 = r0, c.r1 = r1;
-    kernel(c);
-  });
+  gelu_rows(a, dt, xr.size(0));
   return y.view(x.sizes());
 }
 
@@ -67,12 +72,7 @@ void bias_gelu_inplace(Tensor& x, const Tensor& bias, bool tanh_approx) {
   const int64_t N = x.size(1);
   GeluArgs a = rows_args(x, bias, N, tanh_approx);
   a.y = x.data_ptr();
-  const auto kernel = kernels().gelu_fwd[dt];
-  at::parallel_for(0, x.size(0), row_grain(N), [&](int64_t r0, int64_t r1) {
-    GeluArgs c = a;
-    c.r0 = r0, c.r1 = r1;
-    kernel(c);
-  });
+  gelu_rows(a, dt, x.size(0));
 }
 
 }  // namespace fd

@@ -36,19 +36,23 @@ constexpr int kStep = kCH * kW;           // columns per pass; divides 16
 
 FD_INLINE vec ldv(const float* p) { return *reinterpret_cast<const vecu*>(p); }
 FD_INLINE void stv(float* p, vec v) { *reinterpret_cast<vecu*>(p) = v; }
+// The argument blocks carry untyped pointers; the kernels view them as T (float or bf16 bits).
+template <typename T> FD_INLINE const T* typed(const void* p) { return static_cast<const T*>(p); }
+template <typename T> FD_INLINE T* typed(void* p) { return static_cast<T*>(p); }
 FD_INLINE int64_t up16(int64_t n) { return (n + 15) & ~int64_t(15); }
 FD_INLINE float* align64(float* p) {
   return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
 }
 
-// S[r][0:Lp] = sum_d A[r][d] * BT[d][0:Lp] for r < 4 (A rows Dp apart, S rows Lp apart).
-FD_INLINE void rows4_times_t(const float* A, int64_t Dp, const float* BT, int64_t D, int64_t Lp, float* S) {
-  for (int64_t j0 = 0; j0 < Lp; j0 += kStep) {
+// Y[r][0:N] = sum_{k<K} X[r][k] * B[k][0:N] for r < 4, k ascending (X rows sx apart; B and Y rows N apart, N a
+// multiple of kStep): S = Q K^T and dO V^T (K = D, N = Lp), then P V and dS K (K = L, N = Dp).
+FD_INLINE void rows4_times(const float* X, int64_t sx, const float* B, int64_t K, int64_t N, float* Y) {
+  for (int64_t c0 = 0; c0 < N; c0 += kStep) {
     vec a0[kCH] = {}, a1[kCH] = {}, a2[kCH] = {}, a3[kCH] = {};
-    for (int64_t d = 0; d < D; ++d) {
-      const float x0 = A[d], x1 = A[Dp + d], x2 = A[2 * Dp + d], x3 = A[3 * Dp + d];
+    for (int64_t k = 0; k < K; ++k) {
+      const float x0 = X[k], x1 = X[sx + k], x2 = X[2 * sx + k], x3 = X[3 * sx + k];
       for (int u = 0; u < kCH; ++u) {
-        const vec b = ldv(BT + d * Lp + j0 + u * kW);
+        const vec b = ldv(B + k * N + c0 + u * kW);
         a0[u] += x0 * b;
         a1[u] += x1 * b;
         a2[u] += x2 * b;
@@ -56,33 +60,10 @@ FD_INLINE void rows4_times_t(const float* A, int64_t Dp, const float* BT, int64_
       }
     }
     for (int u = 0; u < kCH; ++u) {
-      stv(S + j0 + u * kW, a0[u]);
-      stv(S + Lp + j0 + u * kW, a1[u]);
-      stv(S + 2 * Lp + j0 + u * kW, a2[u]);
-      stv(S + 3 * Lp + j0 + u * kW, a3[u]);
-    }
-  }
-}
-
-// O[r][0:Dp] = sum_{j<L} P[r][j] * B[j][0:Dp] for r < 4 (P rows Lp apart, B and O rows Dp apart).
-FD_INLINE void rows4_times(const float* P, int64_t Lp, const float* B, int64_t L, int64_t Dp, float* O) {
-  for (int64_t c0 = 0; c0 < Dp; c0 += kStep) {
-    vec a0[kCH] = {}, a1[kCH] = {}, a2[kCH] = {}, a3[kCH] = {};
-    for (int64_t j = 0; j < L; ++j) {
-      const float p0 = P[j], p1 = P[Lp + j], p2 = P[2 * Lp + j], p3 = P[3 * Lp + j];
-      for (int u = 0; u < kCH; ++u) {
-        const vec b = ldv(B + j * Dp + c0 + u * kW);
-        a0[u] += p0 * b;
-        a1[u] += p1 * b;
-        a2[u] += p2 * b;
-        a3[u] += p3 * b;
-      }
-    }
-    for (int u = 0; u < kCH; ++u) {
-      stv(O + c0 + u * kW, a0[u]);
-      stv(O + Dp + c0 + u * kW, a1[u]);
-      stv(O + 2 * Dp + c0 + u * kW, a2[u]);
-      stv(O + 3 * Dp + c0 + u * kW, a3[u]);
+      stv(Y + c0 + u * kW, a0[u]);
+      stv(Y + N + c0 + u * kW, a1[u]);
+      stv(Y + 2 * N + c0 + u * kW, a2[u]);
+      stv(Y + 3 * N + c0 + u * kW, a3[u]);
     }
   }
 }
@@ -116,10 +97,8 @@ FD_INLINE void load_block(const T* x, int64_t s, int64_t i0, int64_t L, int64_t 
 template <typename T>
 void attn_fwd(const AttnFwdArgs& a) {
   const int64_t Lq = a.Lq, L = a.L, D = a.D, Lp = up16(L), Dp = up16(D);
-  const T* q = static_cast<const T*>(a.q);
-  const T* k = static_cast<const T*>(a.k);
-  const T* v = static_cast<const T*>(a.v);
-  T* o = static_cast<T*>(a.o);
+  const T *q = typed<T>(a.q), *k = typed<T>(a.k), *v = typed<T>(a.v);
+  T* o = typed<T>(a.o);
   float* KT = align64(a.work);      // D x Lp
   float* V = KT + D * Lp;           // L x Dp
   float* S = V + up16(L * Dp);      // 4 x Lp
@@ -131,7 +110,7 @@ void attn_fwd(const AttnFwdArgs& a) {
   for (int64_t i0 = 0; i0 < Lq; i0 += 4) {
     const int64_t nr = std::min<int64_t>(4, Lq - i0);
     load_block(q, a.sq, i0, Lq, D, Dp, a.scale, Q);
-    rows4_times_t(Q, Dp, KT, D, Lp, S);
+    rows4_times(Q, Dp, KT, D, Lp, S);
     for (int64_t r = 0; r < 4; ++r) {
       float* s = S + r * Lp;
       if (r >= nr) {
@@ -173,11 +152,7 @@ void attn_fwd(const AttnFwdArgs& a) {
 template <typename T>
 void attn_bwd(const AttnBwdArgs& a) {
   const int64_t Lq = a.Lq, L = a.L, D = a.D, Lp = up16(L), Dp = up16(D);
-  const T* q = static_cast<const T*>(a.q);
-  const T* k = static_cast<const T*>(a.k);
-  const T* v = static_cast<const T*>(a.v);
-  const T* o = static_cast<const T*>(a.o);
-  const T* dout = static_cast<const T*>(a.dout);
+  const T *q = typed<T>(a.q), *k = typed<T>(a.k), *v = typed<T>(a.v), *o = typed<T>(a.o), *dout = typed<T>(a.dout);
   float* KT = align64(a.work);     // D x Lp
   float* VT = KT + D * Lp;         // D x Lp
   float* K = VT + D * Lp;          // L x Dp
@@ -198,8 +173,8 @@ void attn_bwd(const AttnBwdArgs& a) {
     load_block(q, a.sq, i0, Lq, D, Dp, a.scale, Q);
     load_block(dout, a.sdo, i0, Lq, D, Dp, 1.0f, dO);
     load_block(o, a.so, i0, Lq, D, Dp, 1.0f, Ob);
-    rows4_times_t(Q, Dp, KT, D, Lp, S);
-    rows4_times_t(dO, Dp, VT, D, Lp, P);
+    rows4_times(Q, Dp, KT, D, Lp, S);
+    rows4_times(dO, Dp, VT, D, Lp, P);
     for (int64_t r = 0; r < 4; ++r) {
       float* s = S + r * Lp;
       float* dp = P + r * Lp;
@@ -243,15 +218,14 @@ void attn_bwd(const AttnBwdArgs& a) {
       }
     }
     rows4_times(P, Lp, K, L, Dp, Ob);  // dq / scale
-    T* dq = static_cast<T*>(a.dq);
+    T* dq = typed<T>(a.dq);
     for (int64_t r = 0; r < nr; ++r) {
       T* row = dq + (i0 + r) * a.sdq;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) row[d] = from_f32<T>(Ob[r * Dp + d] * a.scale);
     }
   }
-  T* dk = static_cast<T*>(a.dk);
-  T* dv = static_cast<T*>(a.dv);
+  T *dk = typed<T>(a.dk), *dv = typed<T>(a.dv);
   for (int64_t j = 0; j < L; ++j) {
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) {
