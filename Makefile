@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 TF4 := .venv-tf4
 LATEST := .venv-latest
 # What the transformers 4.x venv runs: the code that follows transformers' signatures (patch, loading).
-TF4_TESTS := tests/test_patch.py tests/test_loading.py tests/test_versions.py
+TF4_TESTS := tests/test_patch.py tests/test_loading.py tests/test_versions.py tests/test_arch_distilbert.py tests/test_arch_roberta.py
 
 .PHONY: setup demo test test-fast test-tf4 test-latest constraints check-kernels check-kernels-full bench perf gpu-check clean
 

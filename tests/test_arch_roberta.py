@@ -31,10 +31,12 @@ def maxdiff(a, b, mask):
 
 
 def test_positions_as_transformers_both_padding_sides():
-    Emb = transformers.models.roberta.modeling_roberta.RobertaEmbeddings
+    M = transformers.models.roberta.modeling_roberta  # a method in transformers 5.x, a module function in 4.x
+    create = getattr(M.RobertaEmbeddings, "create_position_ids_from_input_ids", None) or \
+        M.create_position_ids_from_input_ids
     for side in ("right", "left"):
         ids, mask = padded_batch("roberta", B=6, L=9, side=side, seed=4)
-        want = Emb.create_position_ids_from_input_ids(ids, 1)
+        want = create(ids, 1)
         assert torch.equal(position_ids(ids, 1), want)
         assert torch.equal(want[mask.bool()].unique(), torch.arange(2, 2 + int(mask.sum(1).max())))
     cfg = FastStudentConfig.from_hf(build("roberta").config)
