@@ -184,16 +184,6 @@ class Layer(nn.Module):
         return _dense_layer_norm(f, h, x, p_drop)  # (T, d)
 
 
-ops.dispatch.register("encoder_layer", "torch")(lambda w, x, p: layer_ops(w, x, p))
-
-
-@ops.dispatch.register("encoder", "torch")
-def _encoder_torch(ws, x, p):  # the whole inference encoder as each layer's op sequence
-    for w in ws:
-        x = layer_ops(w, x, p)
-    return x
-
-
 class Pooler(nn.Module):
     def __init__(self, cfg: FastStudentConfig):
         super().__init__()

@@ -111,16 +111,16 @@ def test_fused_qkv_cached_off_the_module_follows_updates_and_dies_with_its_param
 def test_whole_encoder_equals_layer_by_layer_bit_for_bit(gemm, dtype, monkeypatch):
     """One C++ call over every layer gives exactly the numbers of one C++ call per layer, on both GEMM routes."""
     monkeypatch.setenv("FASTDISTIL_NATIVE_GEMM", gemm)
-    from fastdistil.ops import native
+    from fastdistil.ops.dispatch import lookup
     m = _model(layers=3, act="gelu_new").to(dtype)
     ids, mask = _batch()
     with fastdistil.use_backend("native"), torch.no_grad():
         x, p = _packed_input(m, ids, mask)
         ws = [layer.weights() for layer in m.layers]
-        whole = native.encoder(ws, x, p)
+        whole = lookup("encoder", x.device)(ws, x, p)
         y = x
         for w in ws:
-            y = native.encoder_layer(w, y, p)
+            y = lookup("encoder_layer", x.device)(w, y, p)
         ref = x.double()
         for w in ws:
             w64 = LayerWeights(*(t.double() for t in w.tensors()), w.eps1, w.eps2, w.heads, w.activation)
@@ -163,7 +163,7 @@ def test_model_inference_runs_one_encoder_call_and_per_layer_where_needed(monkey
 @needs_native
 def test_workspace_reused_across_sizes_and_calls():
     """Larger then smaller batches through the same per-thread workspace: each equals its own fresh result."""
-    from fastdistil.ops import native
+    from fastdistil.ops.dispatch import lookup
     m = _model(layers=2)
     outs = {}
     with torch.no_grad():
@@ -173,7 +173,8 @@ def test_workspace_reused_across_sizes_and_calls():
             mask = (torch.arange(L)[None] < torch.randint(1, L + 1, (B,), generator=g)[:, None]).long()
             x, p = _packed_input(m, ids, mask)
             ws = [layer.weights() for layer in m.layers]
-            y = native.encoder(ws, x, p)
+            with fastdistil.use_backend("native"):
+                y = lookup("encoder", x.device)(ws, x, p)
             ref = x
             for w in ws:
                 ref = layer_ops(w, ref, p)

@@ -100,7 +100,7 @@ def test_varlen_attention_dropout_mask_and_gradients():
     out = fastdistil.ops.varlen_attention(q, k, v, cu, L, dropout_p=p)
     out.backward(do)
     torch.manual_seed(11)
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # the draw native.py makes
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # the draw of ops/rng.host_seed
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     kept = 0
     for b, (s0, s1) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):

@@ -127,17 +127,17 @@ def test_bad_isa_is_a_clear_error_at_first_use_and_in_info():
 def test_info_names_table_features_and_bf16_int8_modes(capsys):
     from fastdistil import _C
     from fastdistil.commands import info
-    from fastdistil.ops import native
+    from fastdistil.ops import onednn
     assert info.run(None) == 0
     out = capsys.readouterr().out
     f = _C.cpu_features()
     assert f"native kernels: {_C.isa()} table" in out
     assert "CPU features seen: " + " ".join(k for k in sorted(f) if f[k]) in out
-    bf16 = "native bf16 dot products (avx512_bf16/AMX)" if native.native_bf16() else "bf16 storage-only: fp32 compute"
+    bf16 = "native bf16 dot products (avx512_bf16/AMX)" if onednn.native_bf16() else "bf16 storage-only: fp32 compute"
     assert "bf16: " + bf16 in out
     assert ("int8: VNNI dot products" if f["avx512_vnni"] or f["avx_vnni"] or f["amx_int8"] else
             "int8: no VNNI") in out
-    assert native.native_bf16() == (f["avx512_bf16"] and native._onednn_bf16())
+    assert onednn.native_bf16() == (f["avx512_bf16"] and onednn.bf16_ok())
 
 
 # ------------------------------------------------------------------------- every table against the float64 reference
@@ -361,7 +361,7 @@ def _ids():
 def test_onednn_refusing_any_dtype_sends_layers_to_blas(monkeypatch):
     """A oneDNN that refuses fp32 too (an old CPU, an ONEDNN_MAX_CPU_ISA cap, a torch build) is found by the probe
     before any layer chooses it: the model runs on ATen's GEMMs and matches the torch backend."""
-    from fastdistil.ops import native
+    from fastdistil.ops import onednn
 
     def refuse(*args, **kw):
         raise RuntimeError("onednn: this CPU is not supported")
@@ -371,11 +371,11 @@ def test_onednn_refusing_any_dtype_sends_layers_to_blas(monkeypatch):
     real = mask.bool()
     with torch.inference_mode(), fastdistil.use_backend("torch"):
         ref = m(ids, mask).last_hidden_state[real]
-    monkeypatch.setattr(native, "_ONEDNN", {})
+    monkeypatch.setattr(onednn, "_PROBES", {})
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
     with torch.inference_mode(), fastdistil.use_backend("native"):
         ours = m(ids, mask).last_hidden_state[real]
-    assert native._ONEDNN[torch.float32] is False
+    assert onednn._PROBES[torch.float32] is False
     assert (ours - ref).abs().max().item() <= 1e-5
 
 
@@ -384,9 +384,9 @@ def test_bf16_storage_only_warns_once(monkeypatch, native_bf16):
     """Without native bf16 dot products one RuntimeWarning says bf16 is storage-only, whichever path runs and however
     often; with them, none."""
     import warnings
-    from fastdistil.ops import native
-    monkeypatch.setattr(native, "_ONEDNN", {})
-    monkeypatch.setattr(native, "native_bf16", lambda: native_bf16)
+    from fastdistil.ops import onednn
+    monkeypatch.setattr(onednn, "_PROBES", {})
+    monkeypatch.setattr(onednn, "native_bf16", lambda: native_bf16)
     m = _tiny().to(torch.bfloat16)
     ids, mask = _ids()
     with warnings.catch_warnings(record=True) as rec, fastdistil.use_backend("native"):
@@ -407,7 +407,7 @@ def test_bf16_model_runs_without_native_bf16(tmp_path):
     r = _python(f"""
         import warnings, torch, fastdistil
         from fastdistil import FastStudent, _C
-        from fastdistil.ops import native
+        from fastdistil.ops import onednn
         d = {str(tmp_path / "m")!r}
         m32, m16 = FastStudent.from_pretrained(d).eval(), FastStudent.from_pretrained(d, dtype=torch.bfloat16).eval()
         g = torch.Generator().manual_seed(1)
@@ -420,7 +420,7 @@ def test_bf16_model_runs_without_native_bf16(tmp_path):
                 warnings.simplefilter("always")
                 ours = [m16(ids, mask).last_hidden_state[real].float() for _ in range(2)]
         n = sum("storage format with fp32 compute" in str(w.message) for w in rec)
-        print("RESULT", _C.isa(), native.native_bf16(), native._onednn_bf16(), n, fastdistil.get_backend(),
+        print("RESULT", _C.isa(), onednn.native_bf16(), onednn.bf16_ok(), n, fastdistil.get_backend(),
               max((o - ref32).abs().max().item() for o in ours), (ref16 - ref32).abs().max().item())
         """, env={"FASTDISTIL_NATIVE_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
                   "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})

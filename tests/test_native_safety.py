@@ -261,8 +261,8 @@ def _reorder_like_avx2(real):
 
 @needs_native
 def test_bf16_takes_the_blas_route_where_onednn_cannot_prepack_it(monkeypatch):
-    from fastdistil.ops import native
-    monkeypatch.setattr(native, "_onednn_bf16", lambda: False)
+    from fastdistil.ops import onednn
+    monkeypatch.setattr(onednn, "bf16_ok", lambda: False)
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight",
                         _reorder_like_avx2(torch.ops.mkldnn._reorder_linear_weight))
     torch.manual_seed(0)
@@ -282,7 +282,7 @@ def test_bf16_takes_the_blas_route_where_onednn_cannot_prepack_it(monkeypatch):
     assert e_ours <= 2 * e_torch + 1e-2, (e_ours, e_torch)
     # the real predicate answers without raising, and says True on this machine's AVX-512 unless told otherwise
     monkeypatch.undo()
-    assert isinstance(native._onednn_bf16(), bool)
+    assert isinstance(onednn.bf16_ok(), bool)
 
 
 @needs_native
@@ -293,7 +293,7 @@ def test_avx2_machine_emulated_native_matches_torch():
     r = _python("""
         import copy, torch, fastdistil
         from fastdistil import FastStudent, FastStudentConfig, _C
-        from fastdistil.ops import native
+        from fastdistil.ops import onednn
         torch.manual_seed(0)
         cfg = FastStudentConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
@@ -312,7 +312,7 @@ def test_avx2_machine_emulated_native_matches_torch():
         fastdistil.set_backend("native")
         loss = m16(ids, mask).last_hidden_state.float().square().mean()
         loss.backward()
-        print(_C.isa(), native._onednn_bf16(), (n32 - ref32).abs().max().item(), (n16 - ref32).abs().max().item(),
+        print(_C.isa(), onednn.bf16_ok(), (n32 - ref32).abs().max().item(), (n16 - ref32).abs().max().item(),
               (ref16 - ref32).abs().max().item(), bool(torch.isfinite(loss)))
         """, env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
     assert r.returncode == 0, r.stderr[-3000:]

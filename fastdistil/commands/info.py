@@ -45,13 +45,13 @@ def run(args) -> int:
 def _native_cpu() -> None:
     """The native backend's kernel table, the CPU features it was chosen from, and what bf16 and int8 run on."""
     from .. import _C
-    from ..ops import native
+    from ..ops import onednn
 
     f = _C.cpu_features()
     print(f"native kernels: {_C.isa()} table (this CPU runs: {', '.join(_C.supported_isas())}; "
           "FASTDISTIL_NATIVE_ISA forces one)")
     print(f"  CPU features seen: {' '.join(k for k, on in sorted(f.items()) if on) or 'none of ' + ' '.join(f)}")
-    print("  bf16: " + ("native bf16 dot products (avx512_bf16/AMX)" if native.native_bf16()
+    print("  bf16: " + ("native bf16 dot products (avx512_bf16/AMX)" if onednn.native_bf16()
                         else "bf16 storage-only: fp32 compute"))
     vnni = [k for k in ("avx512_vnni", "avx_vnni", "amx_int8") if f.get(k)]
     print("  int8: " + (f"VNNI dot products ({', '.join(vnni)})" if vnni else "no VNNI on this CPU"))

@@ -10,4 +10,5 @@ __all__ = ["attention", "varlen_attention", "embed_layer_norm", "bias_gelu", "la
            "linear_layer_norm", "linear_tanh"]
 from .kd import kd_kl_rows  # noqa: E402
 from .relation import relation_kl_rows  # noqa: E402
+from . import encoder  # noqa: E402,F401  (registers the whole-layer ops encoder_layer and encoder)
 __all__ += ["kd_kl_rows", "relation_kl_rows"]

@@ -188,3 +188,70 @@ def _varlen_triton(q, k, v, cu_seqlens, max_seqlen, *, dropout_p, softmax_scale)
     seed = dropout_seed(q.device) if dropout_p > 0 else None
     return _attn_fwd(q, k, v, None, cu_seqlens.to(torch.int32), seed, int(max_seqlen), float(dropout_p),
                         scale)[0]
+
+
+# ------------------------------------------------------------------------------------------------ native (CPU)
+# C++ forward and backward (csrc/, fastdistil._C) for float32/bfloat16 CPU tensors; any other dtype runs the torch
+# reference. The padded form goes through the varlen kernel too. Registered only once the extension imports.
+from ._common import EXT, _C, key_packing, native_ok, needs_grad  # noqa: E402
+from .rng import host_seed  # noqa: E402
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """o = softmax(scale q k^T) v per sequence (C++ forward saves the fp32 log-sum-exp; C++ backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, max_q, cu_k, max_k, scale, dropout_p, seed):
+        o, lse = _C.varlen_attention_fwd(q, k, v, cu_q, max_q, scale, dropout_p, seed, True, cu_k, max_k)
+        ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k if cu_k is not None else cu_q)
+        ctx.cfg = (max_q, cu_k is not None, max_k, scale, dropout_p, seed)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, cross, max_k, scale, dropout_p, seed = ctx.cfg
+        dq, dk, dv = _C.varlen_attention_bwd(do.contiguous(), q, k, v, o, lse, cu_q, max_q, scale, dropout_p, seed,
+                                             cu_k if cross else None, max_k)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _as_heads(t):
+    """(T, H, D) with a unit stride on D (strided views such as the unbind of a fused QKV pass unchanged)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@register("varlen_attention", "native", needs=EXT)
+def _varlen_native(q, k, v, cu_seqlens, max_seqlen, *, dropout_p, softmax_scale):
+    if not native_ok(q, k, v):
+        return _varlen_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = _as_heads(q), _as_heads(k), _as_heads(v)
+    seed = host_seed() if dropout_p > 0.0 else 0
+    if needs_grad(q, k, v):
+        return _VarlenAttention.apply(q, k, v, cu_seqlens, max_seqlen, None, 0, scale, dropout_p, seed)
+    return _C.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, False)[0]
+
+
+@register("attention", "native", needs=EXT)
+def _attention_native(q, k, v, attention_mask, *, dropout_p, softmax_scale):
+    """Padded (B, H, L, D) attention through the varlen kernel: every query position (padding included, as in the
+    reference) attends over its row's real keys only, packed once; a row without real keys gives zeros."""
+    if not native_ok(q, k, v):
+        return _attention_torch(q, k, v, attention_mask, dropout_p=dropout_p, softmax_scale=softmax_scale)
+    B, H, L, D = q.shape
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    qt = q.transpose(1, 2).reshape(B * L, H, D)  # (B L, H, D)
+    cu_q = torch.arange(0, (B + 1) * L, L, dtype=torch.int32)
+    max_q = L if B else 0  # max_seqlen may not exceed the token count
+    kt, vt = k.transpose(1, 2).reshape(B * L, H, D), v.transpose(1, 2).reshape(B * L, H, D)
+    cu_k, max_k = None, 0
+    if attention_mask is not None:
+        idx, cu_k, max_k = key_packing(attention_mask.to(q.device))
+        kt, vt = kt.index_select(0, idx), vt.index_select(0, idx)  # (Tk, H, D) real keys
+    seed = host_seed() if dropout_p > 0.0 else 0
+    if needs_grad(q, k, v):
+        o = _VarlenAttention.apply(qt, kt, vt, cu_q, max_q, cu_k, max_k, scale, dropout_p, seed)
+    else:
+        o = _C.varlen_attention_fwd(qt, kt, vt, cu_q, max_q, scale, dropout_p, seed, False, cu_k, max_k)[0]
+    return o.view(B, L, H, D).transpose(1, 2)

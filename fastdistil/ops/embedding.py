@@ -60,7 +60,7 @@ class _NoGradRow(torch.autograd.Function):
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .layer_norm import needs_grad  # noqa: E402
+from ._common import needs_grad  # noqa: E402
 
 
 @torch.library.custom_op("fastdistil::embed_layer_norm_fwd", mutates_args=())
@@ -120,3 +120,38 @@ def _embed_triton(input_ids, token_type_ids, position_ids, word_weight, position
                       position_ids.reshape(-1).contiguous(), word_weight.contiguous(), type_weight.contiguous(),
                       position_weight.contiguous(), ln_weight, ln_bias, float(eps), save)[0]
     return y.view(*shape, word_weight.shape[1])
+
+
+# ------------------------------------------------------------------------------------------------ native (CPU)
+# C++ forward (csrc/, fastdistil._C) for float32/bfloat16 CPU tables; the backward recomputes the reference on the
+# same rows (it runs once per step, on gathered rows). Registered only once the extension imports.
+from ._common import EXT, _C, native_ok  # noqa: E402
+
+
+class _EmbedLayerNorm(torch.autograd.Function):
+    """C++ forward; the backward recomputes the reference on the same rows (autograd of gather + LN)."""
+
+    @staticmethod
+    def forward(ctx, ids, tt, pos, word, posw, typew, ln_w, ln_b, eps):
+        ctx.save_for_backward(ids, tt, pos, word, posw, typew, ln_w, ln_b)
+        ctx.eps = eps
+        return _C.embed_layer_norm_fwd(ids, tt, pos, word, posw, typew, ln_w, ln_b, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        ids, tt, pos, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(need) for p, need in zip(params, ctx.needs_input_grad[3:8])]
+            y = reference.embed_layer_norm(ids, tt, pos, *leaves, ctx.eps)
+            wanted = [p for p in leaves if p.requires_grad]
+            got = iter(torch.autograd.grad(y, wanted, dy)) if wanted else iter(())
+        return (None, None, None, *[next(got) if p.requires_grad else None for p in leaves], None)
+
+
+@register("embed_layer_norm", "native", needs=EXT)
+def _embed_native(ids, tt, pos, word, posw, typew, ln_w, ln_b, eps):
+    if not native_ok(word, posw, typew):
+        return _embed_torch(ids, tt, pos, word, posw, typew, ln_w, ln_b, eps)
+    if needs_grad(word, posw, typew, ln_w, ln_b):
+        return _EmbedLayerNorm.apply(ids, tt, pos, word, posw, typew, ln_w, ln_b, float(eps))
+    return _C.embed_layer_norm_fwd(ids, tt, pos, word, posw, typew, ln_w, ln_b, float(eps))

@@ -36,10 +36,9 @@ def _bias_gelu_torch(x, bias, *, approximate):
 # ------------------------------------------------------------------------------------------------ triton
 # torch.library registration (compiles with fullgraph=True); kernels/gelu.py is imported on first call.
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from .layer_norm import _rows, needs_grad  # noqa: E402
+from ._common import needs_grad, rows as _rows  # noqa: E402
 
 
 @torch.library.custom_op("fastdistil::bias_gelu_fwd", mutates_args=())
@@ -90,64 +89,31 @@ def _bias_gelu_triton(x, bias, *, approximate):
     return _bias_gelu_fwd(_rows(x, x.shape[-1]), bias, approximate).view(x.shape)
 
 
-# Linear + bias + GELU in one launch (kernels/matmul.py, EPILOGUE 1): the triton implementation of
-# fastdistil.ops.linear_gelu (see ops/fused.py for the op's contract).
-@torch.library.custom_op("fastdistil::linear_gelu_fwd", mutates_args=())
-def _lin_gelu_fwd_op(x: Tensor, weight: Tensor, bias: Tensor, approximate: str, save: bool) -> tuple[Tensor, Tensor]:
-    """(h, pre): pre = x W^T without bias, stored only when `save` (else empty)."""
-    K = kernel_module("matmul")
-    h, pre = K.linear_gelu_fwd(x, weight, bias, True, approximate, store_pre=save)
-    return h, (pre if save else x.new_empty(0))
+# ------------------------------------------------------------------------------------------------ native (CPU)
+# C++ forward and backward (csrc/, fastdistil._C) for float32/bfloat16 CPU tensors; any other dtype runs the torch
+# reference. Registered only once the extension imports.
+from ._common import EXT, _C, native_ok  # noqa: E402
 
 
-@_lin_gelu_fwd_op.register_fake
-def _(x, weight, bias, approximate, save):
-    m, n = x.shape[0], weight.shape[0]
-    return x.new_empty(m, n), (x.new_empty(m, n) if save else x.new_empty(0))
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, tanh):
+        ctx.save_for_backward(x, bias)
+        ctx.tanh = tanh
+        return _C.bias_gelu_fwd(x, bias, tanh)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, bias = ctx.saved_tensors
+        dx, db = _C.bias_gelu_bwd(dy.contiguous(), x, bias, ctx.tanh)
+        return dx, db.to(bias.dtype), None
 
 
-@torch.library.custom_op("fastdistil::linear_gelu_bwd", mutates_args=())
-def _lin_gelu_bwd_op(dh: Tensor, x: Tensor, weight: Tensor, pre: Tensor, bias: Tensor,
-                     approximate: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias): the bias+GELU backward kernel gives d(x W^T + b) and dbias, two GEMMs the rest."""
-    K = kernel_module("gelu")
-    du, db = K.bias_gelu_bwd(dh, pre, bias, approximate)
-    return du @ weight, du.t() @ x, db.to(bias.dtype)
-
-
-@_lin_gelu_bwd_op.register_fake
-def _(dh, x, weight, pre, bias, approximate):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
-
-
-def _lin_gelu_setup(ctx, inputs, output):
-    x, weight, bias, approximate, save = inputs
-    ctx.approximate = approximate
-    ctx.save_for_backward(x, weight, output[1], bias)
-
-
-def _lin_gelu_backward(ctx, dh, _dpre):
-    x, weight, pre, bias = ctx.saved_tensors
-    dx, dw, db = _lin_gelu_bwd(dh, x, weight, pre, bias, ctx.approximate)
-    return dx, dw, db, None, None
-
-
-_lin_gelu_fwd_op.register_autograd(_lin_gelu_backward, setup_context=_lin_gelu_setup)
-_lin_gelu_fwd = fast(_lin_gelu_fwd_op, _lin_gelu_setup, _lin_gelu_backward)  # eager fast path (ops/eager.py)
-_lin_gelu_bwd = fast(_lin_gelu_bwd_op)
-
-
-@register("linear_gelu", "triton")
-def _linear_gelu_triton(x, weight, bias, *, approximate):
-    if torch.compiler.is_compiling():  # dynamo traces import statements, not importlib (kernel_module)
-        from ..kernels.matmul import use_fused_epilogue
-    else:  # eagerly: the cached module, no import statement per call
-        use_fused_epilogue = kernel_module("matmul").use_fused_epilogue
-    if x.dtype == torch.float64 or weight.dtype != x.dtype:  # unfused: GEMM, then the bias+GELU kernel
-        return bias_gelu(F.linear(x, weight), bias, approximate=approximate)
-    if not use_fused_epilogue(x.numel() // max(1, x.shape[-1]), weight.shape[0], x.shape[-1], "gelu"):
-        # many rows: cuBLAS's GEMM with the bias in its epilogue, then torch's GELU (kernels/matmul.py says why)
-        return F.gelu(F.linear(x, weight, bias), approximate=approximate)
-    save = needs_grad(x, weight, bias)
-    h = _lin_gelu_fwd(_rows(x, x.shape[-1]), weight.contiguous(), bias, approximate, save)[0]
-    return h.view(*x.shape[:-1], weight.shape[0])
+@register("bias_gelu", "native", needs=EXT)
+def _bias_gelu_native(x, bias, *, approximate="none"):
+    if not native_ok(x):
+        return _bias_gelu_torch(x, bias, approximate=approximate)
+    tanh = approximate == "tanh"
+    if needs_grad(x, bias):
+        return _BiasGelu.apply(x, bias, tanh)
+    return _C.bias_gelu_fwd(x, bias, tanh)

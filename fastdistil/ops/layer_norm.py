@@ -50,15 +50,10 @@ def _layer_norm_torch(x, weight, bias, eps, residual, *, input_bias, dropout_p):
 from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from ._common import needs_grad, rows as _rows  # noqa: E402
 from .rng import dropout_seed  # noqa: E402,F401  (re-exported: tests and the GPU harness import it from here)
-
-
-def needs_grad(*ts) -> bool:
-    """Whether autograd will ask for a backward through an op taking `ts` (no host sync)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 @torch.library.custom_op("fastdistil::layer_norm_fwd", mutates_args=())
@@ -131,13 +126,6 @@ _ln_fwd = fast(_ln_fwd_op, _ln_setup, _ln_backward)  # eager fast path (ops/eage
 _ln_bwd = fast(_ln_bwd_op)
 
 
-def _rows(t, n):
-    """(..., N) -> (M, N) view with unit column stride (copies only when the last dimension is strided)."""
-    if t.dim() != 2:
-        t = t.reshape(-1, n)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 @register("layer_norm", "triton")
 def _layer_norm_triton(x, weight, bias, eps, residual, *, input_bias, dropout_p):
     if x.dtype == torch.float64:  # the kernels compute in fp32: float64 stays exact on the reference
@@ -150,82 +138,37 @@ def _layer_norm_triton(x, weight, bias, eps, residual, *, input_bias, dropout_p)
     return y.view(x.shape)
 
 
-# Linear + bias + dropout + residual + LayerNorm in one launch (kernels/matmul.py, EPILOGUE 2): the triton
-# implementation of fastdistil.ops.linear_layer_norm (see ops/fused.py for the op's contract).
-@torch.library.custom_op("fastdistil::linear_layer_norm_fwd", mutates_args=())
-def _lin_ln_fwd_op(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-                   eps: float, dropout_p: float, seed: Optional[Tensor],
-                   save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, z, mean, rstd); z and the statistics are empty unless `save`; y and z in the promoted dtype of x and
-    residual."""
-    K = kernel_module("matmul")
-    y, z, mean, rstd = K.linear_layer_norm_fwd(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed,
-                                               save)
-    return y, (z if save else x.new_empty(0)), mean, rstd
+# ------------------------------------------------------------------------------------------------ native (CPU)
+# C++ forward and backward (csrc/, fastdistil._C) for float32/bfloat16 CPU tensors with a residual of x's dtype;
+# anything else runs the torch reference. Registered only once the extension imports.
+from ._common import EXT, _C, native_ok  # noqa: E402
+from .rng import host_seed  # noqa: E402
 
 
-@_lin_ln_fwd_op.register_fake
-def _(x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed, save):
-    m, n = x.shape[0], weight.shape[0]
-    y = x.new_empty(m, n, dtype=torch.promote_types(x.dtype, residual.dtype))
-    z = torch.empty_like(y) if save else x.new_empty(0)
-    stats = x.new_empty(m if save else 0, dtype=torch.float32)
-    return y, z, stats, torch.empty_like(stats)
+class _LayerNorm(torch.autograd.Function):
+    """y = LN(dropout(x + input_bias) + residual); saves the pre-norm sum s and fp32 mean/rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, input_bias, eps, dropout_p, seed):
+        y, s, mean, rstd = _C.layer_norm_fwd(x, weight, bias, eps, residual, input_bias, dropout_p, seed, True)
+        ctx.save_for_backward(s, mean, rstd, weight)
+        ctx.cfg = (dropout_p, seed, residual is not None, input_bias is not None, bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        s, mean, rstd, weight = ctx.saved_tensors
+        dropout_p, seed, has_res, has_ib, pdtype = ctx.cfg
+        ds, dx, dw, db, dib = _C.layer_norm_bwd(dy.contiguous(), s, mean, rstd, weight, dropout_p, seed)
+        return (dx, dw.to(weight.dtype), db.to(pdtype), ds if has_res else None,
+                dib.to(pdtype) if has_ib else None, None, None, None)
 
 
-@torch.library.custom_op("fastdistil::linear_layer_norm_bwd", mutates_args=())
-def _lin_ln_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, z: Tensor, mean: Tensor, rstd: Tensor, ln_weight: Tensor,
-                   dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias, dresidual, dln_weight, dln_bias): the LayerNorm backward kernel gives d(x W^T + b)
-    (through the regenerated dropout mask, written in the GEMM's dtype) and dresidual; two library GEMMs give dx
-    and dweight."""
-    K = kernel_module("layer_norm")
-    dpre, dres, dlw, dlb, db = K.layer_norm_bwd(dy, z, mean, rstd, ln_weight, True, dropout_p, seed,
-                                                dx_dtype=weight.dtype)
-    dx = dpre @ weight                          # (M, N) @ (N, K)
-    dw = dpre.t() @ x                           # (N, M) @ (M, K)
-    return dx, dw, db.to(weight.dtype), dres, dlw, dlb
-
-
-@_lin_ln_bwd_op.register_fake
-def _(dy, x, weight, z, mean, rstd, ln_weight, dropout_p, seed):
-    return (torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0]), torch.empty_like(z),
-            torch.empty_like(ln_weight), torch.empty_like(ln_weight))
-
-
-def _lin_ln_setup(ctx, inputs, output):
-    x, weight, bias, residual, ln_weight, ln_bias, eps, dropout_p, seed, save = inputs
-    ctx.p, ctx.res_dtype = dropout_p, residual.dtype
-    ctx.save_for_backward(x, weight, output[1], output[2], output[3], ln_weight, seed)
-
-
-def _lin_ln_backward(ctx, dy, _dz, _dmean, _drstd):
-    x, weight, z, mean, rstd, ln_weight, seed = ctx.saved_tensors
-    dx, dw, db, dres, dlw, dlb = _lin_ln_bwd(dy, x, weight, z, mean, rstd, ln_weight, ctx.p, seed)
-    return dx, dw, db, dres.to(ctx.res_dtype), dlw, dlb, None, None, None, None
-
-
-_lin_ln_fwd_op.register_autograd(_lin_ln_backward, setup_context=_lin_ln_setup)
-_lin_ln_fwd = fast(_lin_ln_fwd_op, _lin_ln_setup, _lin_ln_backward)  # eager fast path (ops/eager.py)
-_lin_ln_bwd = fast(_lin_ln_bwd_op)
-
-
-@register("linear_layer_norm", "triton")
-def _linear_layer_norm_triton(x, weight, bias, residual, ln_weight, ln_bias, eps, *, dropout_p):
-    if torch.compiler.is_compiling():  # dynamo traces import statements, not importlib (kernel_module)
-        from ..kernels.matmul import use_fused_epilogue
-    else:  # eagerly: the cached module, no import statement per call
-        use_fused_epilogue = kernel_module("matmul").use_fused_epilogue
-    n = weight.shape[0]
-    rows = x.numel() // max(1, x.shape[-1])
-    # unfused (a library GEMM, then the LN kernel): float64, mixed dtypes, widths beyond the epilogue's, and many
-    # rows, where cuBLAS's GEMM beats the full-row-tile epilogue GEMM (kernels/matmul.py, use_fused_epilogue)
-    if (x.dtype == torch.float64 or weight.dtype != x.dtype
-            or not use_fused_epilogue(rows, n, x.shape[-1], "layer_norm")):
-        return layer_norm(F.linear(x, weight), ln_weight, ln_bias, eps, residual, input_bias=bias,
-                          dropout_p=dropout_p)
-    save = needs_grad(x, weight, bias, residual, ln_weight, ln_bias)
-    seed = dropout_seed(x.device) if dropout_p > 0 else None
-    y = _lin_ln_fwd(_rows(x, x.shape[-1]), weight.contiguous(), bias, _rows(residual, n), ln_weight, ln_bias,
-                       float(eps), float(dropout_p), seed, save)[0]
-    return y.view(residual.shape)
+@register("layer_norm", "native", needs=EXT)
+def _layer_norm_native(x, weight, bias, eps, residual, *, input_bias=None, dropout_p=0.0):
+    if not native_ok(x) or (residual is not None and residual.dtype != x.dtype):
+        return _layer_norm_torch(x, weight, bias, eps, residual, input_bias=input_bias, dropout_p=dropout_p)
+    seed = host_seed() if dropout_p > 0.0 else 0
+    if needs_grad(x, weight, bias, residual, input_bias):
+        return _LayerNorm.apply(x, weight, bias, residual, input_bias, float(eps), dropout_p, seed)
+    return _C.layer_norm_fwd(x, weight, bias, float(eps), residual, input_bias, dropout_p, seed, False)[0]
