@@ -345,8 +345,8 @@ def test_integer_tensors_for_float_parameters_are_refused(tmp_path):
 
 def test_from_pretrained_refuses_unknown_keywords(tmp_path):
     d = hf_dir(tmp_path)
-    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'quantize'"):
-        FastStudent.from_pretrained(d, quantize="int8")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) 'load_in_8bit'"):
+        FastStudent.from_pretrained(d, load_in_8bit=True)  # transformers' bitsandbytes flag: ours is quantize="int8"
     with pytest.raises(TypeError, match="'torch_dtype'"):
         FastStudent.from_pretrained(d, torch_dtype=torch.float16)
     with pytest.raises(ValueError, match="keyword overrides.*layer_norm_eps must be a finite number > 0"):
