@@ -3,6 +3,7 @@
 - kernels/ (installed as fastdistil.kernels) imports nothing from the rest of the package: Triton code must not
   pull in the model, the backends or fastdistil's __init__ chain.
 - ops/ knows no model, padding or head module: an op takes tensors (and LayerWeights), never a model.
+- No source file (package, kernels, csrc) over 500 lines.
 """
 from __future__ import annotations
 
@@ -43,3 +44,13 @@ def test_ops_know_no_model_or_padding(path):
                                                       and len(name) > 1 and name[1] in _OPS_MAY_NOT):
             bad.append(m)
     assert not bad, f"ops/{path.name} imports {bad}"
+
+
+_SOURCES = sorted(p for d in ("fastdistil", "kernels", "csrc") for p in (ROOT / d).rglob("*")
+                  if p.suffix in (".py", ".cpp", ".h"))
+
+
+@pytest.mark.parametrize("path", _SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_source_file_over_500_lines(path):
+    n = len(path.read_text().splitlines())
+    assert n <= 500, f"{path.relative_to(ROOT)} has {n} lines: split it by what it does"
