@@ -77,3 +77,8 @@ def check_backend_parity(model_type: str, device, atol: float = 2e-5):
             continue
         err = (p.grad - grads[k]).abs().max().item()
         assert err <= atol * max(1.0, grads[k].abs().max().item()), f"grad of {k} differs by {err}"
+
+
+def maxdiff(a, b, mask):
+    """Largest |a - b| over the real tokens of a (B, L) mask."""
+    return (a - b)[mask.bool()].abs().max().item()

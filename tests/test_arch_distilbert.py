@@ -12,7 +12,7 @@ import fastdistil
 from fastdistil import FastStudent, FastStudentConfig, FastStudentForSequenceClassification
 from fastdistil.patch import is_patched, patch, unpatch
 
-from _arch_models import build, padded_batch
+from _arch_models import build, maxdiff, padded_batch
 
 _TF4 = int(transformers.__version__.split(".")[0]) < 5  # the DistilBERT patch follows 5.x's signatures
 
@@ -23,10 +23,6 @@ ATOL = 1e-5  # tests/test_model.py's bound for fp32 parity with transformers
 def _torch_backend():
     with fastdistil.use_backend("torch"):
         yield
-
-
-def maxdiff(a, b, mask):
-    return (a - b)[mask.bool()].abs().max().item()
 
 
 def test_config_adapter_both_ways():

@@ -14,7 +14,7 @@ from fastdistil import FastStudent, FastStudentConfig, FastStudentForSequenceCla
 from fastdistil.arch.roberta import position_ids
 from fastdistil.patch import patch, unpatch
 
-from _arch_models import build, padded_batch
+from _arch_models import build, maxdiff, padded_batch
 
 ATOL = 1e-5  # tests/test_model.py's bound for fp32 parity with transformers
 NAME = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta"}
@@ -24,10 +24,6 @@ NAME = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta"}
 def _torch_backend():
     with fastdistil.use_backend("torch"):
         yield
-
-
-def maxdiff(a, b, mask):
-    return (a - b)[mask.bool()].abs().max().item()
 
 
 def test_positions_as_transformers_both_padding_sides():
