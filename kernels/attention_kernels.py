@@ -2,7 +2,7 @@
 
 Layouts, the dropout RNG, precision and limits are described in kernels/attention.py's header, which also holds
 the launchers, block sizes, compile specs and cost. The kernels share their prologue (:func:`_program`, which
-sequence and head a program owns), addressing (:func:`_base`, :func:`_rows`, :func:`_cols`), key flags
+sequence and head a program owns), addressing (:func:`_at`, :func:`_base`, :func:`_rows`, :func:`_cols`), key flags
 (:func:`_keys`), dot and dropout mask, so each one states only its own maths.
 """
 from __future__ import annotations
@@ -57,6 +57,12 @@ def _program(CuSeqlens, H, L, VARLEN: tl.constexpr):
 def _base(X, b64, h64, start, stride_b, stride_h, stride_t):
     """Pointer to token `start` of head h64 of batch row b64 of X (batch stride 0 for packed inputs)."""
     return X + b64 * stride_b + h64 * stride_h + start * stride_t
+
+
+@triton.jit
+def _at(X, b64, h64, start, offs, stride_b, stride_h, stride_t, offs_d):
+    """Pointers (len(offs), D) to tokens start + offs of head h64 of batch row b64 of X."""
+    return X + b64 * stride_b + h64 * stride_h + (start + offs[:, None]) * stride_t + offs_d[None, :]
 
 
 @triton.jit
@@ -117,7 +123,8 @@ def _attn_fwd(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
 
-    q = _rows(_base(Q, b64, h64, start, stride_qb, stride_qh, stride_qm), offs_m, row_ok, stride_qm, offs_d)
+    q = tl.load(_at(Q, b64, h64, start, offs_m, stride_qb, stride_qh, stride_qm, offs_d), mask=row_ok[:, None],
+                other=0.0)                                                      # (BLOCK_M, D)
     k_base = _base(K, b64, h64, start, stride_kb, stride_kh, stride_kn)
     v_base = _base(V, b64, h64, start, stride_vb, stride_vh, stride_vn)
     if DROPOUT:
@@ -149,8 +156,8 @@ def _attn_fwd(
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-    o_ptrs = _base(O, b64, h64, start, stride_ob, stride_oh, stride_om) + offs_m[:, None].to(tl.int64) * stride_om
-    tl.store(o_ptrs + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    o_ptrs = _at(O, b64, h64, start, offs_m, stride_ob, stride_oh, stride_om, offs_d)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + b64 * stride_lb + h64 * stride_lh + start + offs_m, lse, mask=row_ok)
 
 
@@ -170,10 +177,11 @@ def _attn_bwd_delta(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seqlen
-    o = _rows(_base(O, b64, h64, start, stride_ob, stride_oh, stride_om), offs_m, row_ok, stride_om, offs_d)
-    do = _rows(_base(DO, b64, h64, start, stride_db, stride_dh, stride_dm), offs_m, row_ok, stride_dm, offs_d)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + start + offs_m, delta, mask=row_ok)
+    o = tl.load(_at(O, b64, h64, start, offs_m, stride_ob, stride_oh, stride_om, offs_d), mask=row_ok[:, None],
+                other=0.0).to(tl.float32)
+    do = tl.load(_at(DO, b64, h64, start, offs_m, stride_db, stride_dh, stride_dm, offs_d), mask=row_ok[:, None],
+                 other=0.0).to(tl.float32)
+    tl.store(Delta + b64 * stride_lb + h64 * stride_lh + start + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 # Backward maths (per batch x head; s = scale, Z the 0/1 keep mask, r = 1/(1-p)):
