@@ -167,3 +167,18 @@ def test_gpu_host_measurement_path_runs(monkeypatch):
                         fused=True, compile_report=None, host=h)
     assert "launch included" in "\n".join(cm.format_report(rep))
     assert "upper bound" not in "\n".join(cm.format_report(rep))
+
+
+def test_the_plan_reads_layer_weights():
+    """The cost model's plan of a layer comes from the same LayerWeights every backend consumes (issue 15)."""
+    from fastdistil import FastStudent, FastStudentConfig
+    from fastdistil.bench import costmodel as CM
+    cfg = FastStudentConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=2)
+    m = FastStudent(cfg).eval()
+    layers = [layer.weights() for layer in m.encoder.layer]
+    by_weights = CM.model_kernels(cfg, [5, 9], 2, layers=layers, fused=True)
+    by_config = CM.model_kernels(cfg, [5, 9], 2, fused=True)
+    assert [(r["layer"], r["stage"], r["cost"]) for r in by_weights] == \
+        [(r["layer"], r["stage"], r["cost"]) for r in by_config]
+    wide = CM.weights_plan(layers[0], [5, 9], 2, fused=True)
+    assert [s for s, _, _ in wide] == [s for s, _, _ in CM.layer_plan(64, 4, 96, [5, 9], 2, fused=True)]

@@ -40,7 +40,7 @@ from .ceilings import DTYPE_BYTES, GPU, GPUS, TORCH_DTYPES, get_gpu, kernel_time
 from .compile_report import (_compile_note, _cost_module, build_compile_report, compile_report_path,  # noqa: F401
                              kernels_fingerprint, load_compile_report, select_builds, summarize_compile_report)
 from .plan import (COST_MODULES, KernelCostMissing, KernelCosts, available_kernel_costs, fused_epilogues_available,
-                   launches_per_layer, layer_plan, model_kernels)
+                   launches_per_layer, layer_plan, model_kernels, weights_plan)
 from .recorder import (OpRecorder, RecordedOp, TensorInfo, op_cost, record, record_fastdistil_glue,
                        record_transformers)
 from .report import format_report, model_perf, to_jsonable
@@ -48,6 +48,7 @@ from .report import format_report, model_perf, to_jsonable
 __all__ = ["DTYPE_BYTES", "GPU", "GPUS", "TORCH_DTYPES", "get_gpu", "kernel_time", "build_compile_report",
            "compile_report_path", "kernels_fingerprint", "load_compile_report", "select_builds",
            "summarize_compile_report", "COST_MODULES", "KernelCostMissing", "KernelCosts", "available_kernel_costs",
-           "fused_epilogues_available", "launches_per_layer", "layer_plan", "model_kernels", "OpRecorder",
-           "RecordedOp", "TensorInfo", "op_cost", "record", "record_fastdistil_glue", "record_transformers",
+           "fused_epilogues_available", "launches_per_layer", "layer_plan", "model_kernels", "weights_plan",
+           "OpRecorder", "RecordedOp", "TensorInfo", "op_cost", "record", "record_fastdistil_glue",
+           "record_transformers",
            "format_report", "model_perf", "to_jsonable"]

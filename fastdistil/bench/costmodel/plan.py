@@ -153,17 +153,29 @@ def launches_per_layer(hidden: int = 384, heads: int = 12, intermediate: int = 1
                                                       training=training, fused=fused, source=source))
 
 
+def weights_plan(w, seqlens, elem_bytes: int, **kw) -> list[tuple[str, str, Cost]]:
+    """:func:`layer_plan` of one layer described by its LayerWeights (fastdistil/layer_weights.py), the structure
+    every backend runs: the shapes come from the weights themselves, whatever the architecture."""
+    from ...layer_weights import plan_shapes
+    return layer_plan(*plan_shapes(w), seqlens, elem_bytes, **kw)
+
+
 def model_kernels(cfg, seqlens, elem_bytes: int, *, training: bool = False, dropout: bool = False,
-                  fused: bool | None = None, source: KernelCosts | None = None) -> list[dict]:
+                  fused: bool | None = None, source: KernelCosts | None = None, layers=None) -> list[dict]:
     """Every fused kernel of a FastStudent forward (or training forward + backward): the embeddings kernel, then
-    `num_hidden_layers` times :func:`layer_plan`. Returns rows {layer, stage, module, cost} (layer -1: embeddings).
-    """
+    one :func:`layer_plan` per layer: from each layer's LayerWeights when `layers` (a list of them, e.g.
+    ``[l.weights() for l in model.encoder.layer]``) is given, else `num_hidden_layers` times cfg's shapes.
+    Returns rows {layer, stage, module, cost} (layer -1: embeddings)."""
     src = source or KernelCosts()
     T = sum(int(n) for n in seqlens)
     rows = [{"layer": -1, "stage": "embeddings", "module": "embedding", "cost": c}
             for c in src.get("embedding")(T, cfg.hidden_size, elem_bytes, backward=training)]
-    per_layer = layer_plan(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, seqlens, elem_bytes,
-                           training=training, dropout=dropout, fused=fused, source=src)
-    for i in range(cfg.num_hidden_layers):
+    kw = dict(training=training, dropout=dropout, fused=fused, source=src)
+    if layers is not None:
+        plans = [weights_plan(w, seqlens, elem_bytes, **kw) for w in layers]
+    else:
+        plans = [layer_plan(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, seqlens, elem_bytes,
+                            **kw)] * cfg.num_hidden_layers
+    for i, per_layer in enumerate(plans):
         rows += [{"layer": i, "stage": s, "module": m, "cost": c} for s, m, c in per_layer]
     return rows
