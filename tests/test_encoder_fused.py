@@ -211,3 +211,31 @@ def test_encoder_refuses_bad_arguments_with_clear_errors():
     with pytest.raises(TypeError, match="layer 0: w_qkv must have x's dtype"):
         _C.encoder(x.bfloat16(), ws, cu, 4)
     assert torch.equal(_C.encoder(x, [], cu, 4), x)  # no layers: a copy of x
+
+
+@needs_native
+def test_storage_only_bf16_computes_in_fp32_on_cached_fp32_weights(monkeypatch):
+    """On a CPU without native bf16 dot products a bf16 model's layers run in fp32 on fp32 copies of the weights,
+    made once (ATen's bf16 GEMMs there convert on every call); the result is bf16, close to the fp32 model's."""
+    from fastdistil.ops import onednn
+    from fastdistil.ops.dispatch import lookup
+    monkeypatch.setattr(onednn, "native_bf16", lambda: False)
+    m32 = _model(layers=2)
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    ids, mask = _batch()
+    calls = []
+    real = weight_cache.derived
+    monkeypatch.setattr("fastdistil.ops.encoder.derived", lambda tag, ts, build: calls.append(tag) or real(tag, ts, build))
+    with fastdistil.use_backend("native"), torch.no_grad(), pytest.warns(RuntimeWarning, match="storage format"):
+        onednn._PROBES.pop("noted", None)
+        x, p = _packed_input(m16, ids, mask)
+        ws = [layer.weights() for layer in m16.layers]
+        out = lookup("encoder", x.device)(ws, x, p)
+        again = lookup("encoder", x.device)(ws, x, p)
+        x32, _ = _packed_input(m32, ids, mask)
+        ref = lookup("encoder", x32.device)([layer.weights() for layer in m32.layers], x32, p)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, again)
+    assert calls.count("fp32") == 4  # per layer per call: the copies themselves are built once (cache hits)
+    assert (out.float() - ref).abs().max().item() <= 0.1
+    f32 = [weight_cache.derived("fp32", w.tensors(), lambda src: None) for w in ws]
+    assert all(t.dtype == torch.float32 for ts in f32 for t in ts)
