@@ -182,3 +182,16 @@ def test_the_plan_reads_layer_weights():
         [(r["layer"], r["stage"], r["cost"]) for r in by_config]
     wide = CM.weights_plan(layers[0], [5, 9], 2, fused=True)
     assert [s for s, _, _ in wide] == [s for s, _, _ in CM.layer_plan(64, 4, 96, [5, 9], 2, fused=True)]
+
+
+def test_inference_glue_is_the_triton_backends_two_launches():
+    """Outside the layers the triton backend launches pad_rows and the pooler's linear_tanh (host inputs are checked
+    and packed on the host): the model counts those, not the torch ops their CPU implementations would record, so
+    whole-model launches at batch 1 are 5 per layer + embeddings + 2 (issue 14: <= 5 per layer + 4)."""
+    from fastdistil.bench import costmodel as CM
+    rep = CM.model_perf("B", host=None, compile_report=None, peers=("eager",))
+    side = rep["fastdistil"]["forward"]
+    assert sorted(o["op"] for o in side["glue"]["by_op"]) == ["linear_tanh", "pad_rows"]
+    layers = rep["config"]["num_hidden_layers"]
+    assert side["whole_model"]["launches"] == 5 * layers + 1 + 2 <= rep["targets"]["whole_model_launches_forward"]["B"]
+    assert side["whole_model"]["syncs"] == 0

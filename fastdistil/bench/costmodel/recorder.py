@@ -243,7 +243,12 @@ def record_fastdistil_glue(cfg, input_ids, attention_mask, dtype: torch.dtype = 
                            training: bool = False) -> OpRecorder:
     """Record the ops FastStudent runs outside its fused kernels, on CPU: input checks and unpadding
     (`prepare`), padding the output back and the pooler (and their backward when training).
-    The embeddings and layers are not run: the kernels' cost functions model them."""
+    The embeddings and layers are not run: the kernels' cost functions model them.
+
+    The inference tail is what the triton backend launches, one kernel each: ``pad_rows`` (kernels/padding.py)
+    and the pooler's ``linear_tanh`` (kernels/matmul.py), recorded with their tensors' bytes. Run on the CPU,
+    their torch implementations would record 8 aten kernels (index arithmetic, a scatter, addmm, tanh) that the
+    GPU never launches. Training records the torch ops and their backward as they run."""
     from ...model import FastStudent
     from ...padding import pad
     torch.manual_seed(0)
@@ -255,6 +260,9 @@ def record_fastdistil_glue(cfg, input_ids, attention_mask, dtype: torch.dtype = 
             rec.phase = "forward"
             ids, tt, pos, p = model.prepare(input_ids, attention_mask)
         x = torch.randn(ids.shape[0], cfg.hidden_size, dtype=dtype, requires_grad=training)  # the layers' output
+        if not training:
+            rec.ops += _triton_tail(x, p, model, dtype)
+            return rec
         with rec:
             last = pad(x, p)
             pooled = model.pooler(last[:, 0])
@@ -264,3 +272,22 @@ def record_fastdistil_glue(cfg, input_ids, attention_mask, dtype: torch.dtype = 
                 rec.phase = "backward"
                 torch.autograd.backward([last, pooled], grads)
     return rec
+
+
+def _triton_tail(x: torch.Tensor, p, model, dtype: torch.dtype) -> list[RecordedOp]:
+    """The triton backend's inference glue after the layers, as two recorded kernels: pad_rows scatters the (T, d)
+    rows to (B*L, d) with zeros elsewhere; linear_tanh is the pooler on the B [CLS] rows (a GEMM, tensor cores)."""
+    T, d = x.shape
+    B, L = p.batch, p.seqlen
+    esz = torch.empty((), dtype=dtype).element_size()
+    info = lambda shape, nbytes: TensorInfo(tuple(shape), str(dtype).replace("torch.", ""), int(nbytes))  # noqa: E731
+    pad_rows = RecordedOp("fastdistil.pad_rows", "pad_rows", [info((T, d), T * d * esz), info((T,), 8 * T)],
+                          [info((B * L, d), B * L * d * esz)], phase="forward")
+    if model.pooler is None:
+        return [pad_rows]
+    w = model.pooler.dense.weight
+    pool = RecordedOp("fastdistil.linear_tanh", "linear_tanh", [info((B, d), B * d * esz),
+                      info(tuple(w.shape), w.numel() * esz), info((d,), d * esz)], [info((B, d), B * d * esz)],
+                      phase="forward", flops=2.0 * B * d * w.shape[0], tensor_core=True)
+    return [pad_rows, pool]
+

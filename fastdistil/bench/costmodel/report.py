@@ -34,6 +34,10 @@ def _totals(rows: list[dict]) -> dict:
             "compute_s": sum(r["compute_s"] for r in rows), "memory_s": sum(r["memory_s"] for r in rows)}
 
 
+_GLUE = {"forward": "pad-back and pooler; inputs checked and packed on the host",
+         "training": "checks, unpad, pad, pooler and their backward"}
+
+
 def _recorded_side(rec: OpRecorder, gpu: GPU, dtype: str, top: int = 12, host_s: float = 0.0) -> dict:
     rows = [_row(o.phase or "op", op_cost(o), gpu, dtype, host_s=host_s) for o in rec.kernel_ops()]
     by_op: dict[str, dict] = OrderedDict()
@@ -201,7 +205,8 @@ def format_report(report: dict, per_kernel: bool = True) -> list[str]:
                      f"{_us(pl['time_graph_s'])} us graph")
         w, gl = side["whole_model"], side["glue"]["totals"]
         lines.append(f"modeled fastdistil {mode} whole model: {w['launches']} launches ({gl['launches']} of them glue:"
-                     f" checks, unpad, pad, pooler; host syncs: {w.get('syncs', 0)} "
+                     f" {_GLUE[mode]};"
+                     f" host syncs: {w.get('syncs', 0)} "
                      f"{side['glue'].get('syncs', {})}), {_us(w['time_eager_s'])} us eager / "
                      f"{_us(w['time_graph_s'])} us {graph}")
         for peer, sides in report["transformers"].items():
