@@ -214,7 +214,10 @@ def test_ctrl_c_in_embed_exits_130_with_one_line(tiny, tmp_path):
     with open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "fastdistil", "embed", "--model", str(tiny), "--input",
                                  str(src), "--output", str(tmp_path / "e.npy"), "--batch-size", "8"],
-                                env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=err)
+                                env={**_env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=err,
+                                # a shell's background job (CI launched with `&`) ignores SIGINT, and the child
+                                # would inherit that: give it the default disposition, as a terminal's Ctrl-C finds
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None and "embedding:" not in err_path.read_text():
             time.sleep(0.1)
