@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .ops.dispatch import kernel_module, lookup, register
+
 
 @dataclass
 class Packing:
@@ -85,7 +87,6 @@ def unpack_static(ids: Tensor, mask: Tensor, tt: Tensor | None, pos: Tensor | No
                   ) -> tuple[Tensor, Tensor, Tensor, Packing]:
     """unpad_static plus the packed (B*L,) ids, token types and positions (defaults: zeros, 0..L-1 for None):
     one launch on the triton backend (kernels/padding.py `_unpack`), torch ops otherwise."""
-    from .ops.dispatch import lookup
     B, L = ids.shape
     cu, dest, indices, ids_p, tt_p, pos_p = lookup("unpack", ids.device)(mask, ids, tt, pos)
     return ids_p, tt_p, pos_p, Packing(indices, cu, L if B else 0, B, L, dest=dest, capacity=True)
@@ -151,8 +152,7 @@ def pad(x: torch.Tensor, p: Packing) -> torch.Tensor:
     if p.indices is None:
         return x.reshape(shape)
     if p.dest is not None and x.dim() == 2 and x.shape[0]:
-        from .ops.dispatch import lookup
-        return lookup("pad_rows", x.device)(x, p.dest, p.cu_seqlens).view(shape)
+            return lookup("pad_rows", x.device)(x, p.dest, p.cu_seqlens).view(shape)
     if p.dest is not None and x.shape[0]:  # (rows, ...) beyond 2-D: the torch form
         real = (p.dest < p.cu_seqlens[-1]).view(-1, *[1] * (x.dim() - 1))
         return torch.where(real, x.index_select(0, torch.where(real.flatten(), p.dest, 0)), 0).reshape(shape)
@@ -169,10 +169,9 @@ def _pad_rows_torch(x: Tensor, dest: Tensor, cu_seqlens: Tensor) -> Tensor:
 
 
 # The triton implementation: one launch (kernels/padding.py), a torch.library op so torch.compile and CUDA graphs
-# see through it. Registered lazily with the other ops (fastdistil.ops imports this module's registration).
+# see through it.
 @torch.library.custom_op("fastdistil::pad_rows", mutates_args=())
 def _pad_rows_op(x: Tensor, dest: Tensor, cu_seqlens: Tensor) -> Tensor:
-    from .ops.dispatch import kernel_module
     return kernel_module("padding").pad_rows(x, dest, cu_seqlens)
 
 
@@ -184,7 +183,6 @@ def _(x, dest, cu_seqlens):
 @torch.library.custom_op("fastdistil::unpack", mutates_args=())
 def _unpack_op(mask: Tensor, ids: Tensor, tt: Optional[Tensor], pos: Optional[Tensor]
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .ops.dispatch import kernel_module
     return kernel_module("padding").unpack(mask, ids, tt, pos)
 
 
@@ -196,7 +194,6 @@ def _(mask, ids, tt, pos):
 
 
 def _register() -> None:
-    from .ops.dispatch import register
     register("pad_rows", "torch")(_pad_rows_torch)
     register("unpack", "torch")(_unpack_torch)
     register("unpack", "triton")(lambda mask, ids, tt, pos: _unpack_op(mask, ids, tt, pos))

@@ -54,9 +54,11 @@ def native_bf16() -> bool:
     """Whether bfloat16 GEMMs run on native bf16 dot products on this CPU (avx512_bf16, AMX-BF16 or AVX-NE-CONVERT,
     with oneDNN allowed to use them). Elsewhere a bfloat16 model still runs: bf16 storage, fp32 compute (the C++
     kernels always compute in fp32; the GEMMs go to ATen, which converts). Needs the C++ extension."""
-    from .. import _C
-    f = _C.cpu_features()
-    return any(f.get(k, False) for k in ("avx512_bf16", "amx_bf16", "avx_ne_convert")) and bf16_ok()
+    if "hw_bf16" not in _PROBES:  # the CPU's features: read once (every bf16 forward asks)
+        from .. import _C
+        f = _C.cpu_features()
+        _PROBES["hw_bf16"] = any(f.get(k, False) for k in ("avx512_bf16", "amx_bf16", "avx_ne_convert"))
+    return _PROBES["hw_bf16"] and bf16_ok()
 
 
 def note_bf16() -> None:
