@@ -79,8 +79,16 @@ def test_int8_linear_matches_float64_dequantized_math(T, K, N, row_ops):
     ref = reference_int8(x, q)
     exact = x.double() @ lin.weight.double().T + lin.bias.double()
     scale = exact.abs().max()
-    # fp32 accumulation and scales (and, rarely, a value on a rounding boundary) against quantisation's own error
-    assert (y.double() - ref).abs().max() <= 2e-5 * scale
+    # fp32 accumulation and scales against quantisation's own error; rarely, a value of x / smooth computed in fp32
+    # lands on the other side of a rounding boundary than the fp64 reference's (seen with ATen's AVX2 kernels): that
+    # row is then off by one activation step times a weight, in every output column, and nowhere else
+    d = (y.double() - ref).abs()
+    off = (d > 2e-5 * scale).any(1)
+    assert off.sum() <= 1, f"{int(off.sum())} rows differ beyond fp32 accumulation"
+    if off.any():
+        xs = x[off].double() / q.smooth.double()
+        step = (xs.amax() - xs.amin()) / q.levels
+        assert d[off].max() <= step * (lin.weight.double() * q.smooth.double()).abs().max() + 2e-5 * scale
     err = (y.double() - exact).abs().max() / scale
     assert 1e-5 < err < 3e-2 or T == 1  # really quantised (a lone row is the outlier row: fp32)
     assert (y[0] - exact[0]).abs().max() <= 1e-5 * scale  # the outlier row went to fp32
