@@ -101,6 +101,12 @@ class LayerWeights:
         return tuple(getattr(self, n) for n in TENSOR_FIELDS)
 
 
+class LayerList(list):
+    """A model's LayerWeights, one per layer: a list that can be referenced weakly (ops/onednn.py remembers the
+    last one it prepacked without keeping it alive)."""
+    __slots__ = ("__weakref__",)
+
+
 def activation_name(approximate: str) -> str:
     """LayerWeights.activation for F.gelu's `approximate` ("none" or "tanh")."""
     for name, a in ACTIVATIONS.items():

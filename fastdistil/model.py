@@ -6,6 +6,8 @@ state-dict keys, so checkpoints load and save without renaming.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,9 +23,10 @@ from .inputs import check_hf_kwargs, check_host, check_inputs, is_host
 from .leftpad import LeftPad
 from .outputs import ModelOutput
 from .ops.checks import trusted_packing
+from .ops import rng
 from .padding import Packing, gather, pack_host, pad, unpack_static, unpad
-from .layer_weights import LayerWeights, activation_name, attend, layer_ops
-from .weight_cache import fused_qkv
+from .layer_weights import LayerList, LayerWeights, activation_name, attend, layer_ops
+from .weight_cache import fused_qkv, owned
 
 
 def _node(**children) -> nn.ModuleDict:
@@ -117,6 +120,11 @@ class Layer(nn.Module):
         self.attn_out_dropout = None if cfg.arch.attn_output_dropout else 0.0  # DistilBERT: none after out_lin
         self.gelu_approximate = cfg.gelu_approximate
 
+    def dropout_sites(self) -> int:
+        """Dropout seeds one training forward of this layer draws (attention, after o_proj, after the FFN)."""
+        o_drop = self.hidden_dropout if self.attn_out_dropout is None else self.attn_out_dropout
+        return (self.attn_dropout > 0) + (o_drop > 0) + (self.hidden_dropout > 0)
+
     def _qkv(self):
         """W_qkv (3d, d) and b_qkv (3d,) when query, key and value are plain linears, else None. Concatenated per
         call while training; cached when no gradient is needed (fastdistil/weight_cache.py, not on the module)."""
@@ -125,6 +133,23 @@ class Layer(nn.Module):
         if q is None or k is None or v is None:
             return None
         return fused_qkv((q[0], k[0], v[0], q[1], k[1], v[1]))
+
+    def weight_sources(self):
+        """(tensors, settings) that weights() reads, walked through the module dicts directly, or None when some
+        projection is not a bare nn.Linear with its weight and bias as parameters (weights() then decides)."""
+        a, f = self._modules["attention"]._modules, self._modules["output"]._modules
+        s, o = a["self"]._modules, a["output"]._modules
+        ts = []
+        for lin in (s["query"], s["key"], s["value"], o["dense"], self._modules["intermediate"]._modules["dense"],
+                    f["dense"]):
+            w, b = lin._parameters.get("weight"), lin._parameters.get("bias")
+            if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks or w is None or b is None:
+                return None
+            ts += (w, b)
+        ln1, ln2 = o["LayerNorm"], f["LayerNorm"]
+        ts += (ln1.weight, ln1.bias, ln2.weight, ln2.bias)
+        return ts, (ln1.eps, ln2.eps, self.n_head, self.gelu_approximate, self.attn_dropout, self.hidden_dropout,
+                    self.attn_out_dropout)
 
     def weights(self) -> LayerWeights | None:
         """This layer as a LayerWeights (fastdistil/layer_weights.py), or None when a projection is not a bare
@@ -182,6 +207,12 @@ class Layer(nn.Module):
         h = (ops.linear_gelu(x, i.weight, i.bias, approximate=self.gelu_approximate) if _plain(i)
              else F.gelu(i(x), approximate=self.gelu_approximate))  # (T, f)
         return _dense_layer_norm(f, h, x, p_drop)  # (T, d)
+
+
+def _seeded(layer, seeds, x, p, tap):
+    """layer(x, p, tap) with its dropout seeds fixed (None: each op draws), for checkpointed recomputation."""
+    with rng.use_seeds(seeds):
+        return layer(x, p, tap)
 
 
 class Pooler(nn.Module):
@@ -329,11 +360,12 @@ class FastStudent(PreTrainedSurface, nn.Module):
         """Layer i; checkpointed (activations recomputed in the backward) after gradient_checkpointing_enable."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             fn, every, offload = self._checkpoint
-            if i % every == 0:
+            if i % every == 0:  # the layer's seeds are taken now: its recompute makes the same dropout masks
+                run = functools.partial(_seeded, layer, rng.take(layer.dropout_sites() if layer.training else 0))
                 if offload and x.device.type != "cpu":  # saved tensors wait in pinned host memory
                     with torch.autograd.graph.save_on_cpu(pin_memory=True):
-                        return fn(layer, x, p, tap)
-                return fn(layer, x, p, tap)
+                        return fn(run, x, p, tap)
+                return fn(run, x, p, tap)
         return layer(x, p, tap)
 
     @staticmethod
@@ -353,16 +385,21 @@ class FastStudent(PreTrainedSurface, nn.Module):
             return None
         if _global_forward_hooks or _global_forward_pre_hooks:
             return None
-        ws = []
+        sources, settings = [], []
         for layer in self.layers:
             if (layer.training or type(layer).forward is not Layer.forward or layer._forward_hooks
                     or layer._forward_pre_hooks):
                 return None
-            w = layer.weights()
-            if w is None:
-                return None
-            ws.append(w)
-        return ws
+            got = None if torch.compiler.is_compiling() else layer.weight_sources()  # traced: no cache
+            if got is None:
+                return self._layer_weights()
+            sources += got[0]
+            settings.append(got[1])
+        return owned(self, "encoder", sources, tuple(settings), self._layer_weights)  # one walk, no rebuild
+
+    def _layer_weights(self) -> list[LayerWeights] | None:
+        ws = LayerList(layer.weights() for layer in self.layers)
+        return None if any(w is None for w in ws) else ws
 
     def forward_packed(self, ids, tt, pos, p: Packing, output_hidden_states: bool = False, taps=(),
                        side: LeftPad | None = None):
@@ -375,6 +412,18 @@ class FastStudent(PreTrainedSurface, nn.Module):
         ws = None if taps or side is not None or output_hidden_states else self._encoder_weights(x)
         if ws is not None:  # inference: every layer in one op (native: one C++ call)
             return ops.dispatch.lookup("encoder", x.device)(ws, x, p), hidden
+        with rng.seed_pool(self._dropout_sites(x, side), x.device):  # the forward's dropout seeds: one draw
+            return self._layers(x, p, hidden, output_hidden_states, taps, side)
+
+    def _dropout_sites(self, x, side) -> int:
+        """Seeds this training forward takes (a layer's three, twice with side rows) when its backend's kernels
+        take seeds (triton, native; the torch backend's dropout draws its own masks). 0 under torch.compile."""
+        if torch.compiler.is_compiling() or resolve(x.device) == "torch":
+            return 0
+        n = sum(layer.dropout_sites() for layer in self.layers if layer.training)
+        return n if side is None else 2 * n
+
+    def _layers(self, x, p, hidden, output_hidden_states, taps, side):
         for i, layer in enumerate(self.layers):
             tap = self.tapped.setdefault(i, {}) if i in taps else None
             if side is not None and tap is None and not self.gradient_checkpointing and (

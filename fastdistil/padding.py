@@ -110,6 +110,8 @@ def pack_host(ids: np.ndarray, mask: np.ndarray | None, tt: np.ndarray | None, p
     """
     B, L = ids.shape
     C = B * L
+    if mask is not None and mask.all():  # every token real: the identity packing (no gather, pad is a reshape)
+        mask = None
     if mask is None:
         idx, dest, lens = None, None, np.full(B, L, dtype=np.int64)
     else:

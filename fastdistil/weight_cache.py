@@ -43,9 +43,32 @@ def derived(tag: str, ts, build):
     return value
 
 
+_OWNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # owner -> {tag: (weakrefs, key, value)}
+
+
+def owned(owner, tag: str, ts, settings, build):
+    """``build()`` cached for `owner` (held weakly) while the tensors `ts` are the same objects with the same storage
+    and versions and `settings` (hashable) is equal: FastStudent's per-forward LayerWeights list, which then costs
+    one walk over its parameters instead of a rebuild per layer (the batch-1 forward's Python time). Uncached when
+    some tensor is an inference tensor (no version counter to key on)."""
+    try:
+        key = (_key(ts), settings)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return build()
+    entries = _OWNED.get(owner)
+    hit = None if entries is None else entries.get(tag)
+    if hit is not None and hit[1] == key and len(hit[0]) == len(ts) and all(r() is t for r, t in zip(hit[0], ts)):
+        return hit[2]
+    value = build()
+    if value is not None:
+        _OWNED.setdefault(owner, {})[tag] = ([weakref.ref(t) for t in ts], key, value)
+    return value
+
+
 def clear() -> None:
     """Forget every derived tensor (they are rebuilt on the next call)."""
     _CACHE.clear()
+    _OWNED.clear()
 
 
 def fused_qkv(ps):
@@ -56,5 +79,16 @@ def fused_qkv(ps):
     """
     if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in ps))
             or any(p.is_inference() for p in ps)):
+        return _cat_qkv(ps)
+    return derived("qkv", ps, _cat_qkv)
+
+
+def _cat_qkv(ps):
+    """One torch.cat (one launch) for weights and biases: the six flattened into one buffer, then split into
+    views. Its backward only slices. Two cats when the pieces cannot share a buffer (mixed dtypes)."""
+    if len({(p.dtype, p.device) for p in ps}) != 1:
         return torch.cat(ps[:3]), torch.cat(ps[3:])
-    return derived("qkv", ps, lambda ps: (torch.cat(ps[:3]), torch.cat(ps[3:])))
+    w = ps[0]
+    n = sum(p.shape[0] for p in ps[:3])
+    flat = torch.cat([p.reshape(-1) for p in ps])  # (3d*d + 3d,)
+    return flat[:n * w.shape[1]].view(n, w.shape[1]), flat[n * w.shape[1]:]

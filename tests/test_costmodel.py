@@ -97,11 +97,11 @@ def test_layer_plan_forward_fused_and_unfused():
 def test_layer_plan_training_adds_backward_and_autograd_glue():
     plan = cm.layer_plan(8, 2, 16, SEQLENS, 2, training=True, fused=True, source=FAKES)
     stages = [s for s, _, _ in plan]
-    assert stages.count("qkv_weight_cat") == 2 and "qkv_unbind" in stages and "grad_accumulate" in stages
-    # forward 5 + cat 2 + qkv dA, dB, dbias 3 + stack 1 + (attention, 3 fused linears) backward 2 each + 2 adds
-    assert sum(c.launches for _, _, c in plan) == 5 + 2 + 3 + 1 + 4 * 2 + 2
+    assert stages.count("qkv_weight_cat") == 1 and "qkv_unbind" in stages and "grad_accumulate" in stages
+    # forward 5 + cat 1 + qkv dA, dB, dbias 3 + stack 1 + (attention, 3 fused linears) backward 2 each + 2 adds
+    assert sum(c.launches for _, _, c in plan) == 5 + 1 + 3 + 1 + 4 * 2 + 2
     cat = [c for s, _, c in plan if s == "qkv_weight_cat"][0]
-    assert cat.bytes == 2 * 2 * 3 * 8 * 8  # read and write the (3d, d) bf16 weight
+    assert cat.bytes == 2 * 2 * (3 * 8 * 8 + 3 * 8)  # read and write the (3d, d) weight and (3d,) bias, bf16
     rows = cm.model_kernels(cm_config(), SEQLENS, 2, source=FAKES)
     assert [r["layer"] for r in rows] == [-1] + [0] * 5 + [1] * 5
 

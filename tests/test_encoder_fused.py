@@ -3,6 +3,7 @@ one call (native: csrc/layer.cpp's `encoder`): same numbers as the per-layer rou
 per forward, the per-layer path kept wherever something must see each layer."""
 import copy
 import gc
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -102,6 +103,41 @@ def test_fused_qkv_cached_off_the_module_follows_updates_and_dies_with_its_param
     with torch.enable_grad():  # a gradient through the weights: concatenated per call, never cached
         m = _model(layers=1)
         assert m.layers[0].weights().w_qkv.requires_grad
+
+
+def test_encoder_weights_list_is_cached_while_every_weight_is_unchanged():
+    """The inference forward's LayerWeights list (and, on native, its prepacked weights) is built once and reused
+    while every source tensor is the same object with the same storage, version and settings; an in-place update,
+    a replaced parameter, a .data swap or a new LayerNorm eps rebuilds it; nothing keeps a dropped model alive."""
+    m = _model(layers=2)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        ws = m._encoder_weights(x)
+        assert ws is not None and m._encoder_weights(x) is ws
+        lin = m.layers[1].attention["self"]["key"]
+        lin.weight.mul_(2.0)  # in place: version bump
+        ws2 = m._encoder_weights(x)
+        assert ws2 is not ws and torch.equal(ws2[1].w_qkv[48:96], lin.weight)
+        lin.bias = torch.nn.Parameter(torch.randn(48))  # a new parameter object
+        ws3 = m._encoder_weights(x)
+        assert ws3 is not ws2 and torch.equal(ws3[1].b_qkv[48:96], lin.bias)
+        m.layers[0].output["dense"].weight.data = torch.randn_like(m.layers[0].output["dense"].weight)  # new storage
+        ws4 = m._encoder_weights(x)
+        assert ws4 is not ws3 and torch.equal(ws4[0].w_out, m.layers[0].output["dense"].weight)
+        m.layers[0].output["LayerNorm"].eps = 1e-3
+        ws5 = m._encoder_weights(x)
+        assert ws5 is not ws4 and ws5[0].eps2 == 1e-3
+        m.layers[0].intermediate["dense"].register_forward_hook(lambda *a: None)
+        assert m._encoder_weights(x) is None  # a hooked projection: per layer, per op
+    with torch.inference_mode():  # inference-tensor weights have no version counter: built per call
+        frozen = _model(layers=1)
+        for p in frozen.parameters():
+            p.data = p.data.clone()
+        assert frozen._encoder_weights(x) is not None
+    probe = weakref.ref(ws5)
+    del m, ws, ws2, ws3, ws4, ws5
+    gc.collect()
+    assert probe() is None
 
 
 # ------------------------------------------------------------------------------------------------ whole encoder

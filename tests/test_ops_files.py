@@ -95,6 +95,32 @@ def test_one_dropout_seed_policy():
     assert drawers == ["rng.py"], drawers
 
 
+def test_seed_pool_serves_one_draw_in_order():
+    """Inside seed_pool the ops' seeds are consecutive (1,) slices of one draw, distinct per site; past its end,
+    outside it, on another device or in another thread each op draws its own."""
+    import threading
+    from fastdistil.ops import rng
+    torch.manual_seed(4)
+    want = torch.randint(0, 2 ** 62, (3,), dtype=torch.int64)
+    torch.manual_seed(4)
+    with rng.seed_pool(3, "cpu"):
+        got = [rng.dropout_seed(torch.device("cpu")) for _ in range(3)]
+        other = []
+        t = threading.Thread(target=lambda: other.append(rng.take(1)))
+        t.start()
+        t.join()
+        assert other == [None]  # the pool is this thread's
+        assert rng.take(1, "meta") is None  # and serves only its device
+        extra = rng.dropout_seed("cpu")  # exhausted: a fresh draw
+    assert torch.equal(torch.cat(got), want) and len(set(torch.cat(got).tolist())) == 3
+    assert all(g.shape == (1,) and g.dtype == torch.int64 for g in got)
+    assert extra.shape == (1,) and rng.take(1) is None  # closed
+    with rng.use_seeds(want[1:]):
+        assert int(rng.dropout_seed("cpu")) == int(want[1]) and torch.equal(rng.take(1), want[2:])
+    with rng.seed_pool(0, "cpu"):
+        assert rng.take(1) is None
+
+
 @needs_native
 def test_native_dropout_seed_is_the_rng_draw():
     """The native layer_norm's dropout mask is the one the C++ kernel makes from rng.host_seed() after the same

@@ -8,6 +8,7 @@ they go to ATen's addmm. Nothing here imports the C++ extension at import time.
 from __future__ import annotations
 
 import os
+import weakref
 import warnings
 
 import torch
@@ -100,9 +101,21 @@ def packed(w):
     return derived("onednn", (w.w_qkv, w.w_o, w.w_in, w.w_out), lambda src: [reorder(t.detach(), 32) for t in src])
 
 
+_last: list = [lambda: None, None, None]  # [weakref to ws, (dtype, FASTDISTIL_NATIVE_GEMM), result]
+
+
 def prepacked(ws, x):
     """Per layer, the oneDNN-prepacked weights when every layer's GEMMs go to oneDNN (see :func:`use_onednn`), else
-    None (the C++ layers then run their GEMMs on ATen's addmm)."""
-    if x.shape[0] == 0 or not all(use_onednn(w.tensors()) for w in ws):
+    None (the C++ layers then run their GEMMs on ATen's addmm). Asked again for the same list object (FastStudent
+    caches its LayerWeights list while the weights are unchanged), the last answer is returned without a lookup."""
+    if x.shape[0] == 0:
         return None
-    return [packed(w) for w in ws]
+    mode = (x.dtype, os.environ.get("FASTDISTIL_NATIVE_GEMM"))
+    if _last[0]() is ws and _last[1] == mode:
+        return _last[2]
+    out = [packed(w) for w in ws] if all(use_onednn(w.tensors()) for w in ws) else None
+    try:  # held weakly: a dropped model's weights are not kept alive here
+        _last[:] = [weakref.ref(ws), mode, out]
+    except TypeError:  # a plain list (not FastStudent's LayerList) cannot be referenced weakly: not remembered
+        pass
+    return out

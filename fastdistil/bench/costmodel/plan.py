@@ -117,9 +117,9 @@ def layer_plan(hidden: int, heads: int, intermediate: int, seqlens, elem_bytes: 
     dr = bool(dropout and training)
     gemm = src.gemm
     out: list[tuple[str, str, Cost]] = []
-    if training:  # torch.cat of the three weights and of the three biases, every call
-        out += [("qkv_weight_cat", "torch", Cost("cat(W_q, W_k, W_v)", 0.0, 2.0 * eb * 3 * d * d)),
-                ("qkv_weight_cat", "torch", Cost("cat(b_q, b_k, b_v)", 0.0, 2.0 * eb * 3 * d))]
+    if training:  # one torch.cat of the three weights and the three biases, every call (weight_cache._cat_qkv)
+        out += [("qkv_weight_cat", "torch", Cost("cat(W_q, W_k, W_v, b_q, b_k, b_v)", 0.0,
+                                                 2.0 * eb * (3 * d * d + 3 * d)))]
     out += _tag("qkv_gemm", "gemm", gemm("qkv_gemm", T, 3 * d, d, eb, backward=bw))
     if training:
         out += [("qkv_gemm", "torch", Cost("qkv_gemm.dbias (column sum)", 1.0 * T * 3 * d, eb * (T * 3 * d + 3 * d))),
