@@ -47,7 +47,34 @@ FD_INLINE float* align64(float* p) {
 // Y[r][0:N] = sum_{k<K} X[r][k] * B[k][0:N] for r < 4, k ascending (X rows sx apart; B and Y rows N apart, N a
 // multiple of kStep): S = Q K^T and dO V^T (K = D, N = Lp), then P V and dS K (K = L, N = Dp).
 FD_INLINE void rows4_times(const float* X, int64_t sx, const float* B, int64_t K, int64_t N, float* Y) {
-  for (int64_t c0 = 0; c0 < N; c0 += kStep) {
+  int64_t c0 = 0;
+  if (kCH == 1) {  // AVX-512: two registers per row and pass where N allows (8 accumulators, each broadcast used
+                   // twice); the sum over k keeps its order, so the results are the single-register pass's bits
+    for (; c0 + 2 * kW <= N; c0 += 2 * kW) {
+      vec a0 = {}, a1 = {}, a2 = {}, a3 = {}, e0 = {}, e1 = {}, e2 = {}, e3 = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const float x0 = X[k], x1 = X[sx + k], x2 = X[2 * sx + k], x3 = X[3 * sx + k];
+        const vec u = ldv(B + k * N + c0), w = ldv(B + k * N + c0 + kW);
+        a0 += x0 * u;
+        e0 += x0 * w;
+        a1 += x1 * u;
+        e1 += x1 * w;
+        a2 += x2 * u;
+        e2 += x2 * w;
+        a3 += x3 * u;
+        e3 += x3 * w;
+      }
+      stv(Y + c0, a0);
+      stv(Y + c0 + kW, e0);
+      stv(Y + N + c0, a1);
+      stv(Y + N + c0 + kW, e1);
+      stv(Y + 2 * N + c0, a2);
+      stv(Y + 2 * N + c0 + kW, e2);
+      stv(Y + 3 * N + c0, a3);
+      stv(Y + 3 * N + c0 + kW, e3);
+    }
+  }
+  for (; c0 < N; c0 += kStep) {
     vec a0[kCH] = {}, a1[kCH] = {}, a2[kCH] = {}, a3[kCH] = {};
     for (int64_t k = 0; k < K; ++k) {
       const float x0 = X[k], x1 = X[sx + k], x2 = X[2 * sx + k], x3 = X[3 * sx + k];
