@@ -11,7 +11,7 @@ LATEST := .venv-latest
 # What the transformers 4.x venv runs: the code that follows transformers' signatures (patch, loading).
 TF4_TESTS := tests/test_patch.py tests/test_loading.py tests/test_versions.py tests/test_arch_distilbert.py tests/test_arch_roberta.py
 
-.PHONY: setup demo test test-fast test-tf4 test-latest constraints check-kernels check-kernels-full bench perf gpu-check clean
+.PHONY: setup demo test test-fast test-tf4 test-latest test-cpp test-aarch64 cross-tools constraints check-kernels check-kernels-full bench perf gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,32 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:randomly tests
+
+# The torch-free C++ kernels (csrc/kernels/*.h) against float64 references, no torch, no Python: test-cpp natively
+# (every kernel table this CPU runs), test-aarch64 cross-compiled for aarch64 (the portable table; GCC lowers its
+# 128-bit vectors to NEON) and run under qemu-user. test-aarch64 needs Debian's g++-aarch64-linux-gnu and qemu-user:
+# `make cross-tools` installs them (root).
+CXX ?= g++
+CXX_KERNELS := -O2 -std=c++17 -fopenmp-simd -fno-trapping-math -Wall -Wno-psabi
+KERNEL_SRCS := $(wildcard csrc/kernels/*.h) csrc/kernels_generic.cpp tests/cpp/test_kernels.cpp
+build/test_kernels: $(KERNEL_SRCS) csrc/kernels_avx2.cpp csrc/kernels_avx512.cpp
+	mkdir -p build
+	$(CXX) $(CXX_KERNELS) -o $@ tests/cpp/test_kernels.cpp csrc/kernels_generic.cpp csrc/kernels_avx2.cpp \
+		csrc/kernels_avx512.cpp
+
+test-cpp: build/test_kernels
+	build/test_kernels
+
+build/test_kernels_aarch64: $(KERNEL_SRCS)
+	mkdir -p build
+	aarch64-linux-gnu-g++ $(CXX_KERNELS) -static -o $@ tests/cpp/test_kernels.cpp csrc/kernels_generic.cpp
+
+test-aarch64: build/test_kernels_aarch64
+	qemu-aarch64 build/test_kernels_aarch64
+
+cross-tools:
+	command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+		apt-get install -y -q --no-install-recommends g++-aarch64-linux-gnu qemu-user
 
 # CI builds every configuration for sm_80 and sm_90 with the divisibility hints aligned tensors get (what BERT
 # widths launch; ~1,000 builds, ~4.5 min on 2 cores); check-kernels-full adds the variants without hints (~2,000
