@@ -11,7 +11,7 @@ LATEST := .venv-latest
 # What the transformers 4.x venv runs: the code that follows transformers' signatures (patch, loading).
 TF4_TESTS := tests/test_patch.py tests/test_loading.py tests/test_versions.py tests/test_arch_distilbert.py tests/test_arch_roberta.py
 
-.PHONY: setup demo test test-fast test-tf4 test-latest test-cpp test-aarch64 cross-tools constraints check-kernels check-kernels-full bench perf gpu-check clean
+.PHONY: setup demo test test-fast test-tf4 test-latest test-cpp test-aarch64 check-aarch64-syntax cross-tools constraints check-kernels check-kernels-full bench perf gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -82,6 +82,14 @@ build/test_kernels_aarch64: $(KERNEL_SRCS)
 
 test-aarch64: build/test_kernels_aarch64
 	qemu-aarch64 build/test_kernels_aarch64
+
+# Every csrc/*.cpp (the torch-facing ones too) through the aarch64 compiler against this venv's torch headers, no
+# linking (no aarch64 libtorch here): ~5 min on 2 cores, not in CI.
+check-aarch64-syntax: setup
+	for f in csrc/*.cpp; do aarch64-linux-gnu-g++ -std=c++17 -fsyntax-only -fopenmp -Wno-psabi \
+		$$($(BIN)/python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))") \
+		-I$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['include'])") -DTORCH_EXTENSION_NAME=_C $$f \
+		|| exit 1; done
 
 cross-tools:
 	command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
