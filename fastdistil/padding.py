@@ -182,6 +182,27 @@ def _(x, dest, cu_seqlens):
     return x.new_empty(dest.shape[0], x.shape[1])
 
 
+def _pad_rows_setup(ctx, inputs, output):
+    x, dest, cu_seqlens = inputs
+    ctx.rows = x.shape[0]
+    ctx.save_for_backward(dest, cu_seqlens)
+
+
+def _pad_rows_backward(ctx, dy):
+    """out[f] = x[dest[f]] for real f (dest[f] < count), so dx[r] = dy[inv[r]] for r < count and 0 above, inv the
+    inverse permutation of dest (a scatter; the backward of a gather is a gather here because dest is one-to-one)."""
+    dest, cu = ctx.saved_tensors
+    if dy is None:
+        return None, None, None
+    C, R = dest.shape[0], ctx.rows
+    inv = torch.empty_like(dest).scatter_(0, dest, torch.arange(C, device=dest.device))[:R]  # (R,)
+    real = torch.arange(R, device=dest.device) < cu[-1]
+    return torch.where(real[:, None], dy.index_select(0, inv), 0), None, None
+
+
+_pad_rows_op.register_autograd(_pad_rows_backward, setup_context=_pad_rows_setup)
+
+
 @torch.library.custom_op("fastdistil::unpack", mutates_args=())
 def _unpack_op(mask: Tensor, ids: Tensor, tt: Optional[Tensor], pos: Optional[Tensor]
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -201,7 +222,7 @@ def _register() -> None:
     register("unpack", "triton")(lambda mask, ids, tt, pos: _unpack_op(mask, ids, tt, pos))
 
     def _pad_rows_triton(x, dest, cu_seqlens):
-        if x.dtype == torch.float64 or torch.is_grad_enabled() and x.requires_grad:  # the kernel has no backward
+        if x.dtype == torch.float64:
             return _pad_rows_torch(x, dest, cu_seqlens)
         return _pad_rows_op(x, dest, cu_seqlens)
     register("pad_rows", "triton")(_pad_rows_triton)

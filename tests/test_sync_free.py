@@ -68,6 +68,30 @@ def test_three_packings_agree(mask):
             assert torch.equal(pad(gather(x, p).view(p.total, 3), p), want)
 
 
+@pytest.mark.parametrize("mask", list(_masks())[1:3], ids=lambda m: str(tuple(m.shape)))
+def test_pad_gradient_on_both_layouts(mask):
+    """pad() with autograd recording is the one pad_rows launch on the triton backend, and its backward gives the
+    torch form's gradient bit for bit, in the exact layout (host packing) and the capacity layout (rows past the
+    real count get zero gradient even where the output's padding positions have one)."""
+    B, L = mask.shape
+    hp = pack_host(torch.zeros(B, L, dtype=torch.long).numpy(), mask.numpy() != 0, None, None, "cpu")[3]
+    for p in (hp, unpad_static(mask, B, L)):
+        x0 = torch.randn(p.total, 5, dtype=torch.float32)
+        dy = torch.randn(B, L, 5)
+        got = {}
+        for backend in ("torch", "triton"):
+            x = x0.clone().requires_grad_()
+            with fastdistil.use_backend(backend), count_launches() as c:
+                y = pad(x, p)
+            y.backward(dy)
+            got[backend] = (y.detach(), x.grad)
+            if backend == "triton":
+                assert c.total == 1 and c.triton, c
+        assert torch.equal(got["torch"][0], got["triton"][0]) and torch.equal(got["torch"][1], got["triton"][1])
+        real = int(p.cu_seqlens[-1])
+        assert torch.equal(got["triton"][1][real:], torch.zeros_like(got["triton"][1][real:]))
+
+
 def test_reference_varlen_ignores_capacity_rows():
     """The torch reference on the capacity layout: the real rows equal the exact layout's, the spare rows are
     finite, and its autograd graph gives the real rows' gradients."""

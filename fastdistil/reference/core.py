@@ -46,6 +46,11 @@ def bias_gelu(x, bias, approximate: str = "none"):
     return gelu(x + bias, approximate)
 
 
+def linear_tanh(x, weight, bias):
+    """BERT's pooler: tanh(x W^T + b). x: (B, K), weight: (N, K), bias: (N,)."""
+    return torch.tanh(F.linear(x, weight, bias))
+
+
 def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
                      ln_weight, ln_bias, eps: float = 1e-12):
     """LayerNorm(word[ids] + position[pos] + type[tt]).
