@@ -248,7 +248,9 @@ def record_fastdistil_glue(cfg, input_ids, attention_mask, dtype: torch.dtype = 
     The inference tail is what the triton backend launches, one kernel each: ``pad_rows`` (kernels/padding.py)
     and the pooler's ``linear_tanh`` (kernels/matmul.py), recorded with their tensors' bytes. Run on the CPU,
     their torch implementations would record 8 aten kernels (index arithmetic, a scatter, addmm, tanh) that the
-    GPU never launches. Training records the torch ops and their backward as they run."""
+    GPU never launches. Training: the same two kernels forward (they have backwards since 2026-11-27), and the
+    backward as the torch forms run it (index_add for pad, three matmul-class ops for the pooler: the same work
+    as the triton ops' torch backwards, within an op or two)."""
     from ...model import FastStudent
     from ...padding import pad
     torch.manual_seed(0)
@@ -260,12 +262,11 @@ def record_fastdistil_glue(cfg, input_ids, attention_mask, dtype: torch.dtype = 
             rec.phase = "forward"
             ids, tt, pos, p = model.prepare(input_ids, attention_mask)
         x = torch.randn(ids.shape[0], cfg.hidden_size, dtype=dtype, requires_grad=training)  # the layers' output
+        rec.ops += _triton_tail(x, p, model, dtype)
         if not training:
-            rec.ops += _triton_tail(x, p, model, dtype)
             return rec
-        with rec:
-            last = pad(x, p)
-            pooled = model.pooler(last[:, 0])
+        last = pad(x, p)  # not recorded: the torch forms stand in for the kernels to give the backward its graph
+        pooled = model.pooler(last[:, 0])
         if training:
             grads = [torch.randn_like(last), torch.randn_like(pooled)]
             with rec:
