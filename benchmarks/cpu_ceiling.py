@@ -1,13 +1,15 @@
 """The fp32 ceiling of this CPU, and what a speed target against ONNX Runtime demands of it (issue 13).
 
-    python benchmarks/cpu_ceiling.py [--threads 2] [--ort-a MS] [--ort-b MS] [--json FILE]
+    python benchmarks/cpu_ceiling.py [--threads 2] [--ort-a MS] [--ort-b MS] [--floor-a MS] [--json FILE]
 
 Measures, on this machine: the FMA peak (benchmarks/fma_peak.c, built with the system C compiler for AVX-512
 and/or AVX2 + FMA, one thread per core), a large sgemm (2048^3, torch), and memory bandwidth (a 256 MB copy).
 Counts the forward's FLOPs of workloads A and B for all-MiniLM-L6-v2's shape (GEMMs on the real tokens, attention
 over each sequence's own length) and prints the shortest forward the FMA peak allows. With --ort-a / --ort-b (an
 ONNX Runtime median from `fastdistil bench` in the same session), prints the share of the FMA peak that a forward
-1.5x (A) or 1.6x (B) faster than ONNX Runtime would have to sustain from its first instruction to its last.
+1.5x (A) or 1.6x (B) faster than ONNX Runtime would have to sustain from its first instruction to its last; with
+--floor-a (the `gemm-floor-fp32` median), the largest share of that floor a forward can reach when its attention
+alone runs at the FMA peak.
 Nothing is asserted: the numbers go to PERFORMANCE.md.
 """
 from __future__ import annotations
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ort-a", type=float, help="ONNX Runtime's best median on workload A, ms (same session)")
     ap.add_argument("--ort-b", type=float, help="ONNX Runtime's best median on workload B, ms (same session)")
+    ap.add_argument("--floor-a", type=float, help="the gemm-floor-fp32 median on workload A, ms (same session)")
     ap.add_argument("--json", help="also write the numbers here")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
@@ -116,6 +119,13 @@ def main(argv=None) -> int:
             line += (f"; {factor}x ONNX Runtime ({ort:.2f} ms) = {need:.2f} ms needs {w['share_of_peak']:.0%} of the "
                      f"FMA peak sustained over the whole forward (sgemm 2048^3 reaches "
                      f"{rep['sgemm_2048_gflops'] / peak:.0%})")
+        if name == "A" and args.floor_a and peak:
+            att = 4 * 384 * 6 * sum(n * n for n in get_workload(name).lengths())  # QK^T + PV, every layer
+            w.update(attention_gflop=att / 1e9, attention_ms_at_peak=att / peak / 1e6,
+                     best_share_of_floor=args.floor_a / (args.floor_a + att / peak / 1e6))
+            line += (f"; attention alone ({att / 1e9:.2f} GFLOP) takes {w['attention_ms_at_peak']:.1f} ms at the FMA "
+                     f"peak, so the forward reaches at most {w['best_share_of_floor']:.1%} of the GEMM floor "
+                     f"({args.floor_a:.1f} ms) before LayerNorm, GELU and the embeddings")
         rep["workloads"][name] = w
         print(line)
     if args.json:

@@ -270,8 +270,9 @@ def minilm_models(minilm_dir):
 
 @needs_native
 @pytest.mark.parametrize("gemm", ["onednn", "blas"])
-def test_model_native_matches_transformers_on_real_weights(minilm_models, gemm, monkeypatch):
-    """Both inference routes: GEMMs on oneDNN (default) and the one-C++-call layer on ATen's addmm."""
+def test_model_native_matches_transformers_on_real_weights(minilm_models, gemm, isa, monkeypatch):
+    """Both inference routes: GEMMs on oneDNN (default) and the one-C++-call layer on ATen's addmm, on every kernel
+    table (below AVX-512 the oneDNN route applies GELU with fastdistil's kernel instead of oneDNN's post-op)."""
     monkeypatch.setenv("FASTDISTIL_NATIVE_GEMM", gemm)
     hf, ours = minilm_models
     fastdistil.set_backend("native")
