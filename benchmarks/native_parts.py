@@ -3,8 +3,9 @@
     python benchmarks/native_parts.py [--threads 2] [--workload A]
 
 Times, each alone (median of 30): varlen attention over the workload's sequences (12 heads of 32), the fused
-residual + LayerNorm over its tokens, and the cost of the GELU post-op in oneDNN's FFN-in GEMM (the prepacked
-matmul with and without it). Six layers run each of these once (LayerNorm twice); the sum, beside the
+residual + LayerNorm over its tokens, and GELU both ways the encoder may apply it: as the post-op of oneDNN's FFN-in
+GEMM (the prepacked matmul with and without it; what the avx512 table uses) and as fastdistil's bias + GELU kernel
+(below AVX-512). Six layers run each of these once (LayerNorm twice); the sum, beside the
 `gemm-floor-fp32` engine of `fastdistil bench`, bounds the share of the GEMM floor a forward can reach. Nothing is
 asserted: the numbers go to PERFORMANCE.md.
 """
@@ -58,11 +59,15 @@ def main(argv=None) -> int:
             gelu = _median_ms(lambda: mk._linear_pointwise(x, pk, b_in, "gelu", [], "none")) - plain
         else:
             plain = gelu = float("nan")
-    per_layer = att + 2 * ln + gelu
-    print(f"workload {args.workload}: {T} tokens, {len(lens)} sequences, {args.threads} threads, "
-          f"kernel table {fastdistil._C.isa() if hasattr(fastdistil, '_C') else 'n/a'}")
-    print(f"per layer: attention {att:.2f} ms, residual + LayerNorm {ln:.2f} ms (x2), GELU post-op {gelu:.2f} ms "
-          f"(FFN-in GEMM {plain:.2f} ms without it): {per_layer:.2f} ms outside the GEMMs, "
+        h_in = torch.randn(T, f, generator=g)
+        ours = _median_ms(lambda: ops.bias_gelu(h_in, b_in))  # out of place: the encoder's in-place pass costs less
+        isa = fastdistil._C.isa()
+    used = gelu if isa == "avx512" else ours  # csrc/layer.cpp: oneDNN's post-op on the avx512 table only
+    per_layer = att + 2 * ln + used
+    print(f"workload {args.workload}: {T} tokens, {len(lens)} sequences, {args.threads} threads, kernel table {isa}")
+    print(f"per layer: attention {att:.2f} ms, residual + LayerNorm {ln:.2f} ms (x2), GELU as oneDNN's post-op "
+          f"{gelu:.2f} ms (FFN-in GEMM {plain:.2f} ms without it) or fastdistil's kernel {ours:.2f} ms (the encoder "
+          f"uses the {'post-op' if isa == 'avx512' else 'kernel'} here): {per_layer:.2f} ms outside the GEMMs, "
           f"{6 * per_layer:.1f} ms for six layers")
     return 0
 
