@@ -42,13 +42,15 @@ class FastStudentForSequenceClassification(_Head):
     """[CLS] -> the architecture's classifier (Arch.classifier): BERT pooled -> dropout -> linear; DistilBERT
     pre_classifier -> ReLU -> dropout -> classifier; RoBERTa dropout -> dense -> tanh -> dropout -> out_proj.
     Loss by problem_type as in transformers: regression (MSE) when num_labels == 1, single-label cross-entropy for
-    integer labels, multi-label BCE-with-logits otherwise. With left padding only BERT's pooled [CLS] equals
-    transformers' (the others read a zero hidden state at a padded position 0)."""
+    integer labels, multi-label BCE-with-logits otherwise. Left-padded rows give transformers' logits on every
+    architecture: the base model computes the position-0 row transformers computes from the pad token
+    (``first_token``), for the pooler or for this head."""
     optional_keys = ("pooler.", "pre_classifier.", "classifier.")
 
     def __init__(self, config: FastStudentConfig):
         super().__init__(config)
         d, kind = config.hidden_size, config.arch.classifier
+        self.bert.first_token = kind != "pooler"  # the classifier reads position 0 itself
         drop = config.extra.get("seq_classif_dropout" if kind == "pre_classifier" else "classifier_dropout")
         self.dropout = nn.Dropout(config.hidden_dropout_prob if drop is None else drop)
         if kind == "pre_classifier":
@@ -76,7 +78,7 @@ class FastStudentForSequenceClassification(_Head):
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids,
                         output_hidden_states=output_hidden_states, **kw)  # unknown keywords: TypeError
         logits = (self.classifier(self.dropout(out.pooler_output)) if out.pooler_output is not None
-                  else self.classify(out.last_hidden_state[:, 0]))  # (B, num_labels)
+                  else self.classify(out.first_token))  # (B, num_labels)
         loss = None
         if labels is not None:
             pt = self.config.extra.get("problem_type")

@@ -71,7 +71,8 @@ class Embeddings(nn.Module):
             x = ops.embed_layer_norm(ids, token_type_ids, position_ids, word.weight,
                                      self.position_embeddings.weight, type_weight,
                                      self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps,
-                                     padding_idx=word.padding_idx)
+                                     padding_idx=word.padding_idx,
+                                     position_padding_idx=self.position_embeddings.padding_idx)
         else:  # set_input_embeddings' module, or hooks on it (PEFT, NEFTune, enable_input_require_grads): call it
             x = word(ids) if types is None else word(ids) + types(token_type_ids)
             x = x + self.position_embeddings(position_ids)
@@ -237,6 +238,7 @@ class FastStudent(PreTrainedSurface, nn.Module):
         self.encoder = _node(layer=nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers)))
         self.pooler = Pooler(config) if add_pooling_layer and config.arch.pooler else None  # DistilBERT: none
         self.gradient_checkpointing, self._checkpoint = False, None  # see gradient_checkpointing_enable
+        self.first_token = False  # a head reads transformers' position-0 row (output.first_token) without the pooler
         self.apply(self._init_weights)
 
     def _init_weights(self, m):  # BERT's initialisation, for students built from scratch
@@ -299,14 +301,16 @@ class FastStudent(PreTrainedSurface, nn.Module):
                                                static)
         lead = known if lead is None else lead
         with trusted_packing():  # the model's own cu_seqlens: no per-layer value checks (ops/checks.py)
-            side = None if self.pooler is None else self._left_padded(input_ids, attention_mask, token_type_ids,
-                                                                       position_ids, p, lead)
+            side = (self._left_padded(input_ids, attention_mask, token_type_ids, position_ids, p, lead)
+                    if self.pooler is not None or self.first_token else None)  # position 0 as transformers has it
             x, hidden = self.forward_packed(ids, tt, pos, p, output_hidden_states=output_hidden_states, side=side)
         last = pad(x, p)  # (B, L, d)
         cls = last[:, 0] if side is None else side.first(last[:, 0])  # (B, d): transformers' [CLS] values
         pooled = self.pooler(cls) if self.pooler is not None else None
         hs = tuple(pad(h, p) for h in hidden) if output_hidden_states else None
-        return ModelOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hs)
+        out = ModelOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hs)
+        out.__dict__["first_token"] = cls  # not a field: heads read it (padding at position 0 computed when asked)
+        return out
 
     def cuda_graphs(self, **kw):
         """A fastdistil.GraphRunner of this model: CUDA-graph replay of the inference forward and of encode, one

@@ -30,6 +30,38 @@ def test_twenty_adamw_steps_track_transformers(model_type):
     train_in_lockstep(ours, hf, batch_of_step, loss_of, state_of=hf_state_dict)
 
 
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("model_type", ["distilbert", "roberta", "xlm-roberta"])
+def test_sequence_classification_on_left_padding_matches_transformers(model_type, backend):
+    """The classifier of DistilBERT and RoBERTa reads position 0 itself (no pooler): on left-padded rows the base
+    model computes transformers' value there (the pad token's row), so logits, the loss and every gradient match
+    transformers, in training and in inference; the plain model's last_hidden_state keeps zeros at padding."""
+    if backend == "native" and not fastdistil.availability()["native"][0]:
+        pytest.skip("native extension not built")
+    hf = build(model_type, "ForSequenceClassification", hidden=32, heads=2).train()
+    ours = FastStudentForSequenceClassification.from_hf(hf).train()
+    assert ours.bert.pooler is None and ours.bert.first_token
+    ids, mask = padded_batch(model_type, B=5, L=9, side="left", seed=4)
+    assert (mask[:, 0] == 0).any()
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    with fastdistil.use_backend(backend):
+        a = ours(ids, mask, labels=labels)
+        a.loss.backward()
+        with torch.no_grad():
+            inf = ours.eval()(ids, mask)
+            plain = ours.bert(ids, mask).last_hidden_state
+    b = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    b.loss.backward()
+    assert (a.logits - b.logits).abs().max().item() <= 2e-5
+    assert (inf.logits - b.logits).abs().max().item() <= 2e-5
+    assert torch.equal(plain[~mask.bool()], torch.zeros_like(plain[~mask.bool()]))
+    grads = dict(zip(hf_state_dict(ours), (p.grad for p in ours.parameters())))
+    for n, p in hf.named_parameters():
+        if p.grad is not None and n in grads:
+            err = (grads[n] - p.grad).abs().max().item()
+            assert err <= 2e-5 * max(1.0, p.grad.abs().max().item()), n
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("model_type", ["distilbert", "roberta"])
 def test_triton_backend_parity(model_type, device):

@@ -117,6 +117,27 @@ def test_patch_parity_embeddings_included(model_type, head, side):
     assert type(base.embeddings).__module__.startswith("transformers.")
 
 
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta"])
+def test_patched_classifier_gradients_on_left_padding(model_type):
+    """RoBERTa's position table has padding_idx (the pad token): transformers never gives its row a gradient. A
+    left-padded row's [CLS] read puts the pad position into the loss, so the fused embeddings must hold that row's
+    gradient at zero as nn.Embedding does (it received 0.12 before 2026-11-27). Every gradient within 1e-5."""
+    m, ref = build(model_type, "ForSequenceClassification"), build(model_type, "ForSequenceClassification")
+    patch(m)
+    ids, mask = padded_batch(model_type, side="left", seed=5)
+    assert (mask[:, 0] == 0).any()
+    labels = torch.tensor([0, 1, 1, 0])
+    for model in (m, ref):
+        model.train()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    g = dict(ref.named_parameters())
+    for n, p in m.named_parameters():
+        assert (p.grad - g[n].grad).abs().max().item() <= 1e-5 * max(1.0, g[n].grad.abs().max().item()), n
+    pos = getattr(m, "roberta").embeddings.position_embeddings
+    assert torch.equal(pos.weight.grad[pos.padding_idx], torch.zeros_like(pos.weight.grad[0]))
+    unpatch(m)
+
+
 def test_distill_cli_roberta_teacher_and_student(tmp_path):
     """A RoBERTa teacher distilled into a RoBERTa student of its layers (--student-layers) and into a BERT student
     (--student): the packed batches get RoBERTa's offset positions (distill/models.py)."""

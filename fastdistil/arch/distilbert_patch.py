@@ -116,7 +116,7 @@ def _embeddings_forward(self, input_ids=None, inputs_embeds=None, position_ids=N
     if inputs_embeds is None and plain:  # no token types: type id 0 of a zero row adds exactly 0
         x = ops.embed_layer_norm(input_ids, torch.zeros_like(input_ids), position_ids, word.weight, pos.weight,
                                  word.weight.new_zeros(1, word.weight.shape[1]), ln.weight, ln.bias, ln.eps,
-                                 padding_idx=word.padding_idx)  # (B, L, d)
+                                 padding_idx=word.padding_idx, position_padding_idx=pos.padding_idx)  # (B, L, d)
     else:
         if inputs_embeds is None:
             inputs_embeds = word(input_ids)

@@ -10,7 +10,8 @@ from .eager import fast
 
 
 def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, position_weight, type_weight,
-                     ln_weight, ln_bias, eps: float = 1e-12, *, padding_idx: int | None = None):
+                     ln_weight, ln_bias, eps: float = 1e-12, *, padding_idx: int | None = None,
+                     position_padding_idx: int | None = None):
     """LayerNorm(word[input_ids] + position[position_ids] + type[token_type_ids]).
 
     Args:
@@ -18,6 +19,7 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
             the model, which owns the vocabulary sizes).
         word_weight (V, N), position_weight (P, N), type_weight (Tt, N), ln_weight (N,), ln_bias (N,).
         padding_idx: a word row that receives no gradient (nn.Embedding's padding_idx; BERT's pad token).
+        position_padding_idx: the same for the position table (RoBERTa's, whose padding_idx is the pad token).
     Returns:
         ids.shape + (N,) in the tables' dtype.
     """
@@ -27,6 +29,8 @@ def embed_layer_norm(input_ids, token_type_ids, position_ids, word_weight, posit
                          f"position_ids {tuple(position_ids.shape)} must have one shape")
     if padding_idx is not None and word_weight.requires_grad and torch.is_grad_enabled():
         word_weight = _NoGradRow.apply(word_weight, padding_idx)
+    if position_padding_idx is not None and position_weight.requires_grad and torch.is_grad_enabled():
+        position_weight = _NoGradRow.apply(position_weight, position_padding_idx)
     return lookup("embed_layer_norm", word_weight.device)(input_ids, token_type_ids, position_ids, word_weight,
                                                           position_weight, type_weight, ln_weight, ln_bias, eps)
 

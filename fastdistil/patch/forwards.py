@@ -136,7 +136,8 @@ def _embed(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_
     if inputs_embeds is None and plain:
         x = ops.embed_layer_norm(input_ids, token_type_ids, position_ids, word.weight,
                                  self.position_embeddings.weight, self.token_type_embeddings.weight, ln.weight,
-                                 ln.bias, ln.eps, padding_idx=word.padding_idx)  # (B, L, d)
+                                 ln.bias, ln.eps, padding_idx=word.padding_idx,
+                                 position_padding_idx=self.position_embeddings.padding_idx)  # (B, L, d)
     else:  # caller's embeddings, or embedding modules that are not plain lookups: the op fuses the rest
         if inputs_embeds is None:
             inputs_embeds = word(input_ids)
