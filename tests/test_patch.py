@@ -519,3 +519,58 @@ def test_inference_weights_cached_off_the_module_and_follow_a_swap():
     assert not [k for k in vars(layer) if k.startswith("_fastdistil_") and k != "_fastdistil_gelu"]
     unpatch(m)
     assert not [k for k in vars(layer) if k.startswith("_fastdistil_")]
+
+
+def _patched_bert(layers, dropout=0.1):
+    from test_model import hf_bert
+    m = hf_bert(hidden=32, heads=2, layers=layers, inter=64, dropout=dropout)
+    patch(m)
+    return m.train()
+
+
+@pytest.mark.interpreter
+def test_patched_training_forward_draws_its_seeds_once():
+    """The patched encoder's packed training forward on the triton backend: 6 launches per layer and one seed draw
+    per forward (ops/rng.py seed_pool), counted as the difference between a 3-layer and a 1-layer model."""
+    from fastdistil.launches import count_launches
+    from test_model import batch
+    ids, mask, tt = batch(3, 9, 211)
+    counts = []
+    for layers in (1, 3):
+        m = _patched_bert(layers)
+        with fastdistil.use_backend("triton"):
+            m(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+            with count_launches(host=(ids, mask, tt)) as c:
+                m(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+        counts.append(c)
+    assert (counts[1].total - counts[0].total) / 2 <= 6, counts
+    assert counts[0].other.get("randint") == counts[1].other.get("randint") == 1, counts
+
+
+@pytest.mark.interpreter
+def test_patched_checkpointed_layers_draw_per_op_and_replay(monkeypatch):
+    """With transformers' gradient checkpointing the patched layers take no pool (their recompute replays the RNG
+    state, not a pool): the gradients equal those of the same model run without checkpointing and without the pool,
+    whose ops draw in the same order, up to summation order; another seed moves them by far more."""
+    fw = importlib.import_module("fastdistil.patch.forwards")
+    from test_model import batch
+    ids, mask, tt = batch(2, 7, 211)
+    m = _patched_bert(2, dropout=0.2)
+
+    def grads(seed):
+        m.zero_grad()
+        torch.manual_seed(seed)
+        with fastdistil.use_backend("triton"):
+            m(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state.square().sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    def worst(a, b):  # relative to each gradient's scale, floored at 1 (the key bias's is ~0: softmax ignores it)
+        return max(((a[n] - b[n]).abs().max() / a[n].abs().max().clamp(min=1.0)).item() for n in a)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(fw, "_dropout_seeds", lambda *a: 0)
+        plain, other = grads(11), grads(12)
+    m.gradient_checkpointing_enable()
+    ckpt = grads(11)
+    assert plain.keys() == ckpt.keys() and len(plain) > 10
+    assert worst(plain, ckpt) <= 1e-5 and worst(plain, other) >= 1e-2

@@ -12,7 +12,9 @@ from .. import ops
 from ..layer_weights import LayerWeights, activation_name, attend, layer_ops
 from ..leftpad import LeftPad
 from ..model import _plain
+from ..backend import resolve
 from ..ops.dispatch import lookup
+from ..ops.rng import seed_pool
 from ..padding import Packing, gather, pad, unpad
 from ..weight_cache import fused_qkv
 from .calls import _bind, _fallback, _own_forward, _read, _unknown
@@ -200,10 +202,11 @@ def _encoder_forward(self, *args, **kwargs):
         side = LeftPad.build(attention_mask, p)  # rows whose position 0 ([CLS], read by poolers) is padding
         if side is not None:
             side.state = hidden_states[side.rows, 0]  # (E, d): the pad token's embedding at position 0
-        for layer in self.layer:
-            if side is not None:
-                _side_step(layer, side, x)
-            x = _layer_output(layer(x, p))  # positional: gradient checkpointing replays it
+        with seed_pool(_dropout_seeds(self, x, side), x.device):  # a training forward's seeds: one draw
+            for layer in self.layer:
+                if side is not None:
+                    _side_step(layer, side, x)
+                x = _layer_output(layer(x, p))  # positional: gradient checkpointing replays it
         hidden_states = pad(x, p)  # (B, L, d), zeros at padding but position 0 of left-padded rows
         if side is not None:
             hidden_states = hidden_states.index_put((side.rows, torch.zeros_like(side.rows)), side.state)
@@ -213,6 +216,18 @@ def _encoder_forward(self, *args, **kwargs):
                 collect.append(hidden_states)
             hidden_states = _layer_output(layer(hidden_states, attention_mask))  # (B, L, d)
     return _encoder_output(call, hidden_states, collect)
+
+
+def _dropout_seeds(encoder, x, side) -> int:
+    """Seeds the packed layers' dropout takes in one training forward (three per training layer, twice with side
+    rows), drawn as one pool (ops/rng.py) on a seed-taking backend; 0, each op drawing its own, when a layer is
+    checkpointed (its recompute must make the same draw: transformers' checkpoint restores the RNG state) or on the
+    torch backend."""
+    layers = [m for m in encoder.layer if m.training]
+    if (not layers or resolve(x.device) == "torch" or getattr(encoder, "gradient_checkpointing", False)
+            or any(getattr(m, "gradient_checkpointing", False) for m in encoder.layer)):
+        return 0
+    return 3 * len(layers) * (1 if side is None else 2)
 
 
 def _layer_output(out):
