@@ -41,5 +41,6 @@ def test_train_step(benchmark, train_ctx, bench_device, bench_threads, bench_rou
     benchmark.pedantic(step, rounds=bench_rounds, iterations=1, warmup_rounds=1)
     if bench_device.type == "cuda":
         benchmark.extra_info["peak_cuda_MB"] = torch.cuda.max_memory_allocated() / 2**20
-    benchmark.extra_info["real_tokens_per_s"] = ctx.real_tokens / benchmark.stats.stats.median
+    if benchmark.stats is not None:  # None under --benchmark-disable (a smoke run: the calls and checks only)
+        benchmark.extra_info["real_tokens_per_s"] = ctx.real_tokens / benchmark.stats.stats.median
     eng.teardown()
