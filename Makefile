@@ -11,7 +11,7 @@ LATEST := .venv-latest
 # What the transformers 4.x venv runs: the code that follows transformers' signatures (patch, loading).
 TF4_TESTS := tests/test_patch.py tests/test_loading.py tests/test_versions.py tests/test_arch_distilbert.py tests/test_arch_roberta.py
 
-.PHONY: setup demo test test-fast test-tf4 test-latest test-cpp test-aarch64 check-aarch64-syntax cross-tools constraints check-kernels check-kernels-full bench perf gpu-check clean
+.PHONY: setup demo test test-fast test-tf4 bench-smoke test-latest test-cpp test-aarch64 check-aarch64-syntax cross-tools constraints check-kernels check-kernels-full bench perf gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -107,6 +107,10 @@ check-kernels-full: setup
 
 bench: setup
 	$(BIN)/python -m pytest -q benchmarks --benchmark-only
+
+# Every benchmark's engines run once and are checked against transformers, nothing timed (~6 min on 2 cores).
+bench-smoke: setup
+	$(BIN)/python -m pytest -q -p no:randomly benchmarks --benchmark-disable
 
 # On a GPU machine (CUDA torch + triton installed, no internet needed): installs this checkout into $(PY) (the
 # system python3, not the venv; no downloads, no C++ build), then the CUDA test suite, `fastdistil bench --device
