@@ -389,12 +389,12 @@ class FastStudent(PreTrainedSurface, nn.Module):
             return None
         if _global_forward_hooks or _global_forward_pre_hooks:
             return None
-        sources, settings = [], []
+        sources, settings, traced = [], [], torch.compiler.is_compiling()
         for layer in self.layers:
             if (layer.training or type(layer).forward is not Layer.forward or layer._forward_hooks
                     or layer._forward_pre_hooks):
                 return None
-            got = None if torch.compiler.is_compiling() else layer.weight_sources()  # traced: no cache
+            got = None if traced else layer.weight_sources()  # traced: no cache
             if got is None:
                 return self._layer_weights()
             sources += got[0]

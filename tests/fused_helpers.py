@@ -78,3 +78,9 @@ class PoisonedTorch:
     def empty_like(x, **k):
         out = torch.empty_like(x, **k)
         return out.fill_(float("nan")) if out.is_floating_point() else out.fill_(-77)
+
+
+def grad_drift(a: dict, b: dict) -> float:
+    """Largest |a[n] - b[n]| over named gradients, relative to each a[n]'s scale floored at 1 (a gradient that is
+    ~0 by symmetry, such as the key bias's under softmax, is not divided by its own noise)."""
+    return max(((a[n] - b[n]).abs().max() / a[n].abs().max().clamp(min=1.0)).item() for n in a)

@@ -79,6 +79,17 @@ void expect_close(const char* what, const std::string& where, const Buf& got, co
 
 double tol_of(int dt) { return dt == fd::kBF16 ? 1.6e-2 : 2e-5; }
 
+// LayerNorm of one fp32-rounded row sv (N) in float64, as transformers: (s - mean) * rstd * gamma + beta into out.
+void layer_norm_ref(const std::vector<double>& sv, const Buf& g, const Buf& be, double* out) {
+  const int64_t N = static_cast<int64_t>(sv.size());
+  double mean = 0.0, var = 0.0;
+  for (double v : sv) mean += v;
+  mean /= N;
+  for (double v : sv) var += (v - mean) * (v - mean);
+  const double rstd = 1.0 / std::sqrt(var / N + 1e-12);
+  for (int64_t c = 0; c < N; ++c) out[c] = (sv[c] - mean) * rstd * g.f[c] + be.f[c];
+}
+
 // Attention of one sequence, one head: q, k, v rows s = 3 * H * D apart (a fused QKV layout), this head's slice.
 void check_attention(const fd::KernelTable& t, int dt, int64_t L, int64_t D) {
   const int64_t H = 2, s = 3 * H * D, h = 1;
@@ -159,16 +170,9 @@ void check_layer_norm(const fd::KernelTable& t, int dt, int64_t rows, int64_t N)
   std::vector<double> want(rows * N);
   for (int64_t r = 0; r < rows; ++r) {
     std::vector<double> sv(N);
-    double mean = 0.0, var = 0.0;
-    for (int64_t c = 0; c < N; ++c) {
-      // the kernel sums in fp32 (as transformers): the reference rounds the sum the same way
+    for (int64_t c = 0; c < N; ++c)  // the kernel sums in fp32 (as transformers): the reference rounds the same way
       sv[c] = static_cast<float>(static_cast<float>(x.f[r * N + c] + bias.f[c]) + res.f[r * N + c]);
-      mean += sv[c];
-    }
-    mean /= N;
-    for (int64_t c = 0; c < N; ++c) var += (sv[c] - mean) * (sv[c] - mean);
-    const double rstd = 1.0 / std::sqrt(var / N + 1e-12);
-    for (int64_t c = 0; c < N; ++c) want[r * N + c] = (sv[c] - mean) * rstd * g.f[c] + be.f[c];
+    layer_norm_ref(sv, g, be, &want[r * N]);
   }
   fd::LnFwdArgs a{};
   a.x = x.ptr(), a.residual = res.ptr(), a.in_bias = bias.ptr(), a.gamma = g.ptr(), a.beta = be.ptr();
@@ -206,16 +210,10 @@ void check_embed(const fd::KernelTable& t, int dt, int64_t T, int64_t N) {
   std::vector<double> want(T * N);
   for (int64_t i = 0; i < T; ++i) {
     std::vector<double> sv(N);
-    double mean = 0.0, var = 0.0;
-    for (int64_t c = 0; c < N; ++c) {
+    for (int64_t c = 0; c < N; ++c)
       sv[c] = static_cast<float>(static_cast<float>(word.f[ids[i] * N + c] + pos.f[pids[i] * N + c]) +
                                  type.f[tids[i] * N + c]);
-      mean += sv[c];
-    }
-    mean /= N;
-    for (int64_t c = 0; c < N; ++c) var += (sv[c] - mean) * (sv[c] - mean);
-    const double rstd = 1.0 / std::sqrt(var / N + 1e-12);
-    for (int64_t c = 0; c < N; ++c) want[i * N + c] = (sv[c] - mean) * rstd * g.f[c] + be.f[c];
+    layer_norm_ref(sv, g, be, &want[i * N]);
   }
   fd::EmbedArgs a{};
   a.ids = ids.data(), a.pos_ids = pids.data(), a.type_ids = tids.data();
